@@ -1,0 +1,344 @@
+"""Typed run configuration: one dataclass per component, one resolved ``RunConfig``.
+
+YAML gives defaults, ``key=value`` overrides (dotted paths such as ``distill.adv_weight=0.1``) come
+from the CLI or a search trial, and the resolved config is written next to every checkpoint so a
+checkpoint alone can rebuild its model. Values are parsed by the declared field type, never
+evaluated as code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("teacher", "student", "gankd")
+HEAD_MODES = ("own", "teacher")
+ADV_LOSSES = ("wgan", "wgan-gp", "lsgan", "bce", "hinge")
+DISC_NORMS = ("none", "batch", "instance", "spectral")
+DISC_OUTPUTS = ("global", "patch")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class ConfigError(ValueError):
+    """A config value, key or file is invalid; the message names the culprit."""
+
+
+@dataclass
+class DetectorConfig:
+    """An SSD-family detector.
+
+    Attributes:
+        backbone: registry name, see ``gankd_ray.models.available_backbones()``.
+        num_classes: foreground classes (background is added internally); 0 = take from the dataset.
+        image_size: square model input in pixels (160..512).
+        weights: optional local torchvision-layout backbone state dict (ImageNet weights).
+        score_thresh / nms_thresh / detections_per_img: post-processing.
+    """
+
+    backbone: str = "mobilenet_v2_0.35"
+    num_classes: int = 0
+    image_size: int = 160
+    weights: str | None = None
+    score_thresh: float = 0.01
+    nms_thresh: float = 0.45
+    detections_per_img: int = 100
+
+    def validate(self, where: str = "detector") -> None:
+        if not 160 <= self.image_size <= 512:
+            raise ConfigError(f"{where}.image_size={self.image_size}: must be in 160..512")
+        if self.num_classes < 0:
+            raise ConfigError(f"{where}.num_classes={self.num_classes}: must be >= 0")
+        _check_unit_interval(f"{where}.score_thresh", self.score_thresh)
+        _check_unit_interval(f"{where}.nms_thresh", self.nms_thresh)
+        if self.detections_per_img < 1:
+            raise ConfigError(f"{where}.detections_per_img={self.detections_per_img}: must be >= 1")
+        from gankd_ray.models import available_backbones  # late: models imports torch
+
+        if self.backbone not in available_backbones():
+            raise ConfigError(
+                f"{where}.backbone={self.backbone!r}: unknown backbone; "
+                f"choose one of {', '.join(available_backbones())}"
+            )
+
+
+@dataclass
+class DiscriminatorConfig:
+    """One discriminator per distilled level: ``depth`` strided conv blocks of ``width`` channels."""
+
+    depth: int = 2
+    width: int = 64
+    norm: str = "spectral"
+    output: str = "global"
+
+    def validate(self) -> None:
+        if not 1 <= self.depth <= 6:
+            raise ConfigError(f"discriminator.depth={self.depth}: must be in 1..6")
+        if self.width < 1:
+            raise ConfigError(f"discriminator.width={self.width}: must be >= 1")
+        _check_choice("discriminator.norm", self.norm, DISC_NORMS)
+        _check_choice("discriminator.output", self.output, DISC_OUTPUTS)
+
+
+@dataclass
+class DistillConfig:
+    """GAN-KD settings (ignored unless role is ``gankd``).
+
+    Attributes:
+        levels: distilled level names (``level0``...); empty list = every level of the detector.
+        head_mode: ``own`` (student keeps its head) or ``teacher`` (student features go through the
+            teacher's head, the paper's setting).
+        finetune_teacher_head: in ``teacher`` head mode, train the inherited head too.
+        adv_loss: one of ``ADV_LOSSES``.
+        adv_weight: weight of the adversarial term in the student loss.
+        adv_warmup_epochs: adv_weight ramps linearly from 0 over this many epochs (0 = no ramp).
+        feat_weight: weight of an L2 feature-imitation term (0 = off).
+        clip: critic weight clipping bound for ``wgan``.
+        gp_weight: gradient-penalty weight for ``wgan-gp``.
+        n_critic: discriminator steps per student step.
+        lr_ratio: lr_D / lr_G.
+    """
+
+    levels: list[str] = field(default_factory=list)
+    head_mode: str = "own"
+    finetune_teacher_head: bool = False
+    adv_loss: str = "lsgan"
+    adv_weight: float = 0.1
+    adv_warmup_epochs: float = 0.0
+    feat_weight: float = 0.0
+    clip: float = 0.03
+    gp_weight: float = 10.0
+    n_critic: int = 1
+    lr_ratio: float = 1.0
+
+    def validate(self) -> None:
+        _check_choice("distill.head_mode", self.head_mode, HEAD_MODES)
+        _check_choice("distill.adv_loss", self.adv_loss, ADV_LOSSES)
+        for name in ("adv_weight", "feat_weight", "adv_warmup_epochs", "gp_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"distill.{name}={getattr(self, name)}: must be >= 0")
+        for name in ("clip", "lr_ratio"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"distill.{name}={getattr(self, name)}: must be > 0")
+        if self.n_critic < 1:
+            raise ConfigError(f"distill.n_critic={self.n_critic}: must be >= 1")
+        if len(set(self.levels)) != len(self.levels):
+            raise ConfigError(f"distill.levels={self.levels}: duplicate level")
+
+
+@dataclass
+class OptimConfig:
+    """Student (generator) optimisation; the discriminators use Adam at lr * distill.lr_ratio."""
+
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    epochs: int = 4
+    warmup_epochs: float = 0.5
+    disc_betas: tuple[float, float] = (0.5, 0.999)
+    grad_clip: float = 10.0
+    bf16: bool = False
+
+    def validate(self) -> None:
+        _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"optim.batch_size={self.batch_size}: must be >= 1")
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs={self.epochs}: must be >= 1")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay, warmup_epochs and grad_clip must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared dataset lives (local path or pyarrow URI) and how it is loaded."""
+
+    path: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    loader_workers: int = 1
+    hflip: bool = True
+    jitter: float = 0.2
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run (or a checkpoint's model) from one file."""
+
+    role: str = "gankd"
+    seed: int = 0
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    teacher: DetectorConfig | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        _check_choice("role", self.role, ROLES)
+        self.detector.validate("detector")
+        if self.teacher is not None:
+            self.teacher.validate("teacher")
+        self.distill.validate()
+        self.discriminator.validate()
+        self.optim.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
+        return _from_dict(cls, data, where)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from gankd_ray.utils import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        return cls.from_dict(data, where=str(path))
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "RunConfig":
+        """A copy with dotted-key overrides applied (``["distill.adv_weight=0.1"]`` or a dict)."""
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if key == "teacher" and node.get(key) is None:
+                    node[key] = _to_plain(dataclasses.asdict(DetectorConfig()))
+                if not isinstance(node.get(key), dict):
+                    raise ConfigError(f"override {dotted}: unknown key {key!r}")
+                node = node[key]
+            if leaf not in node:
+                raise ConfigError(f"override {dotted}: unknown key {leaf!r}")
+            node[leaf] = value
+        return RunConfig.from_dict(data, where="overrides")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}``; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+    return out
+
+
+def paper_recipe() -> DistillConfig:
+    """The published GAN-KD recipe (Wang et al. 2019): WGAN critic, clip 0.03, all levels, teacher head."""
+    return DistillConfig(
+        levels=[], head_mode="teacher", adv_loss="wgan", adv_weight=1.0, clip=0.03, lr_ratio=1.0
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={value}: must be in [0, 1]")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}" if where else key) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; a clear error names the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, name)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, name)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r}: expected a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r}: expected a list")
+        item_tps = typing.get_args(tp)
+        if len(value) != len(item_tps):
+            raise ConfigError(f"{name}={value!r}: expected {len(item_tps)} values")
+        return tuple(_coerce(t, v, f"{name}[{i}]") for i, (t, v) in enumerate(zip(item_tps, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML 1.1 reads "1e-3" as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover - programming error
