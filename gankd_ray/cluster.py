@@ -1,0 +1,60 @@
+"""Connecting to Ray: an embedded local instance, or an existing cluster.
+
+Security defaults: the dashboard binds to 127.0.0.1 unless the caller asks for another host (it has no
+authentication of its own), and Ray's token authentication is left as Ray configures it (on for local
+clusters since 2.59).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+LOCAL_HOST = "127.0.0.1"
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    dashboard: bool = False,
+    dashboard_host: str = LOCAL_HOST,
+    dashboard_port: int | None = None,
+) -> str | None:
+    """Start or join Ray; returns the dashboard URL (``http://host:port``) when there is one.
+
+    Args:
+        address: None starts an embedded local Ray; ``auto`` or ``HOST:PORT`` joins a cluster.
+        num_cpus / num_gpus: local instance only.
+        dashboard: local instance only; a cluster's dashboard is the head node's.
+        dashboard_host: bind address of a local dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return _dashboard_url(ray.get_runtime_context())
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        context = ray.init(address=address, **kwargs)
+    else:
+        kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard)
+        if dashboard:
+            kwargs["dashboard_host"] = dashboard_host
+            if dashboard_port is not None:
+                kwargs["dashboard_port"] = dashboard_port
+        context = ray.init(**kwargs)
+    return _dashboard_url(context)
+
+
+def _dashboard_url(context: Any) -> str | None:
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())

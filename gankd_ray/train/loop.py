@@ -1,0 +1,227 @@
+"""The per-worker loop run by ``ray.train.torch.TorchTrainer``.
+
+Per epoch: train on this rank's share of the train split, evaluate this rank's share of val, gather the
+detections so COCOeval sees every val image once, then ``ray.train.report`` the metrics with a
+checkpoint (rank 0 writes it). A resumed run (worker failure, or the same storage+name started again)
+continues at the epoch after the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gankd_ray.config import RunConfig
+from gankd_ray.train import checkpoint as ckpt
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETED = "completed"
+STATUS_DIVERGED = "diverged"
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg = RunConfig.from_dict(config["run"])
+    ctx = _setup_worker(cfg, config)
+    teacher = _load_teacher(config.get("teacher"), ctx.device) if cfg.role == "gankd" else None
+    step = _build_step(cfg, teacher, ctx)
+    start_epoch, best = _restore(step, config, ctx)
+    train_loader, val_loader, coco_gt = _build_data(cfg, ctx)
+
+    for epoch in range(start_epoch, cfg.optim.epochs + 1):
+        epoch_metrics = run_epoch(step, cfg, ctx, train_loader, val_loader, coco_gt, epoch)
+        if epoch_metrics.get("map", -1.0) > best.get("best_map", -1.0):
+            best = {"best_map": epoch_metrics["map"], "best_ap50": epoch_metrics["ap50"], "best_epoch": epoch}
+        epoch_metrics.update(best)
+        diverged = epoch_metrics["status"] == STATUS_DIVERGED
+        if epoch == cfg.optim.epochs and not diverged:
+            epoch_metrics["status"] = STATUS_COMPLETED
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = _write_checkpoint(tmp, step, cfg, epoch, best, ctx) if ctx.rank == 0 else None
+            ray.train.report(epoch_metrics, checkpoint=checkpoint)
+        if diverged:
+            return
+
+
+def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, train_loader, val_loader, coco_gt, epoch: int) -> dict:
+    """Train one epoch and evaluate; a non-finite loss ends training with status ``diverged``."""
+    from gankd_ray.distill import Diverged
+
+    status = STATUS_RUNNING
+    started = time.perf_counter()
+    try:
+        train_metrics, images_seen = train_one_epoch(step, train_loader, epoch)
+    except Diverged as err:
+        train_metrics, images_seen, status = dict(err.metrics), 0, STATUS_DIVERGED
+    train_s = time.perf_counter() - started
+    eval_started = time.perf_counter()
+    quality = evaluate(step.predict, val_loader, coco_gt, ctx)
+    eval_s = time.perf_counter() - eval_started
+    return {
+        **_reduce_mean(train_metrics, ctx),
+        **quality,
+        "epoch": epoch,
+        "epochs": cfg.optim.epochs,
+        "world_size": ctx.world_size,
+        "status": status,
+        "images_per_s": images_seen * ctx.world_size / max(train_s, 1e-9),
+        "train_s": train_s,
+        "eval_s": eval_s,
+    }
+
+
+def train_one_epoch(step, loader, epoch: int) -> tuple[dict[str, float], int]:
+    """Returns the mean of every step term over the epoch and the number of images seen by this rank."""
+    loader.set_epoch(epoch)
+    totals: dict[str, float] = {}
+    batches = len(loader)
+    images = 0
+    for index, (inputs, targets, _) in enumerate(loader):
+        progress = (epoch - 1) + index / max(batches, 1)
+        terms = step.train_step(inputs, targets, progress)
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + value
+        images += inputs.shape[0]
+    return {k: v / max(batches, 1) for k, v in totals.items()}, images
+
+
+@torch.no_grad()
+def evaluate(predict: Callable, loader, coco_gt, ctx: WorkerContext) -> dict[str, float]:
+    """COCO mAP over every val image: each rank predicts its share, rank results are gathered."""
+    from gankd_ray.eval import coco_results, evaluate_coco, gather_results
+
+    local: list[dict] = []
+    for inputs, _, metas in loader:
+        outputs = predict(inputs, [m["orig_size"] for m in metas])
+        local.extend(coco_results(outputs, metas))
+    results = gather_results(local)
+    return evaluate_coco(coco_gt, results)
+
+
+# --------------------------------------------------------------------------------------------
+# set-up
+
+
+def _setup_worker(cfg: RunConfig, config: dict[str, Any]) -> WorkerContext:
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    if config.get("use_gpu") and torch.cuda.is_available():
+        device = torch.device("cuda", context.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    seed_everything(cfg.seed * 1000 + rank)
+    return WorkerContext(rank=rank, world_size=world, device=device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _load_teacher(path: str | None, device: torch.device):
+    detector, _ = ckpt.load_detector(path, device)
+    return detector
+
+
+def _build_step(cfg: RunConfig, teacher, ctx: WorkerContext):
+    from gankd_ray.distill import build_step
+
+    wrap = _ddp_wrapper(ctx) if ctx.world_size > 1 else None
+    return build_step(cfg, teacher=teacher, device=ctx.device, wrap=wrap)
+
+
+def _ddp_wrapper(ctx: WorkerContext) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    return wrap
+
+
+def _build_data(cfg: RunConfig, ctx: WorkerContext):
+    from gankd_ray.data import DetectionBatchLoader
+    from gankd_ray.eval import load_coco
+
+    common = dict(
+        uri=cfg.data.path,
+        image_size=cfg.detector.image_size,
+        batch_size=cfg.optim.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=cfg.data.loader_workers,
+        seed=cfg.seed,
+    )
+    train = DetectionBatchLoader(
+        split=cfg.data.train_split, train=True, hflip=cfg.data.hflip, jitter=cfg.data.jitter, **common
+    )
+    val = DetectionBatchLoader(split=cfg.data.val_split, train=False, **common)
+    coco_gt = load_coco(cfg.data.path, cfg.data.val_split) if ctx.rank == 0 else None
+    return train, val, coco_gt
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _write_checkpoint(directory: str, step, cfg: RunConfig, epoch: int, best: dict, ctx: WorkerContext):
+    import ray.train
+
+    ckpt.save_torch(ckpt.model_payload(step.export_detector(), cfg), os.path.join(directory, ckpt.MODEL_FILE))
+    state = {"epoch": epoch, "best": best, "step": step.state_dict(), "rng": ckpt.rng_state()}
+    ckpt.save_torch(state, os.path.join(directory, ckpt.TRAIN_STATE_FILE))
+    return ray.train.Checkpoint.from_directory(directory)
+
+
+def _restore(step, config: dict[str, Any], ctx: WorkerContext) -> tuple[int, dict]:
+    """Load the latest checkpoint, if any: returns the epoch to start at and the best-so-far metrics."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 1, {}
+    with checkpoint.as_directory() as directory:
+        state = ckpt.load_torch(os.path.join(directory, ckpt.TRAIN_STATE_FILE), map_location=ctx.device)
+    step.load_state_dict(state["step"])
+    if ctx.rank == 0:
+        ckpt.set_rng_state(state["rng"])
+    else:  # only rank 0's stream is saved; other ranks reseed deterministically from the epoch
+        seed_everything(int(state["epoch"]) * 7919 + ctx.rank)
+    return int(state["epoch"]) + 1, dict(state.get("best", {}))
+
+
+def _reduce_mean(metrics: dict[str, float], ctx: WorkerContext) -> dict[str, float]:
+    """Average the logged terms across ranks (logging only; training never waits on this)."""
+    if ctx.world_size == 1 or not dist.is_initialized() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    gathered: list[list[str]] = [None] * ctx.world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, keys)
+    if any(g != keys for g in gathered):  # a diverged rank may miss terms: keep local values
+        return metrics
+    dist.all_reduce(values)
+    return {k: float(v) / ctx.world_size for k, v in zip(keys, values) if math.isfinite(float(v))}

@@ -1,0 +1,239 @@
+"""Driver side of one training run: checks inputs, builds the TorchTrainer, logs per-epoch metrics.
+
+The same ``build_trainer`` serves the single-run CLI (``launch/train.py``) and each Tune trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ray.train.v2.api.callback import UserCallback
+
+from gankd_ray import storage
+from gankd_ray.config import ConfigError, RunConfig
+from gankd_ray.train.checkpoint import CheckpointError, read_model_file
+
+METRICS_FILE = "metrics.jsonl"
+RESOLVED_CONFIG_FILE = "resolved_config.yaml"
+
+
+class InputError(ValueError):
+    """Bad user input found before any Ray work starts; the message names the culprit."""
+
+
+@dataclass
+class TrainJob:
+    """One TorchTrainer run: what to train, where it lives, and its resources."""
+
+    config: RunConfig
+    storage: str
+    name: str
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    teacher: str | None = None
+    max_failures: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(storage.normalize_uri(self.storage), self.name)
+
+    def loop_config(self) -> dict[str, Any]:
+        """What each worker receives: plain data only (it crosses process boundaries)."""
+        return {
+            "run": self.config.to_dict(),
+            "teacher": self.teacher,
+            "cpus_per_worker": self.cpus_per_worker,
+            "use_gpu": self.gpus_per_worker > 0,
+            **self.extra,
+        }
+
+
+def resolve_job(job: TrainJob) -> TrainJob:
+    """Check every input and fill what the dataset and teacher imply. Raises ``InputError``.
+
+    Runs before Ray starts so that bad input costs seconds: data path and format, teacher file,
+    teacher/dataset/student compatibility, config values, storage writability.
+    """
+    from gankd_ray.data import DatasetError, read_dataset_info
+
+    cfg = job.config
+    if not cfg.data.path:
+        raise InputError("--data: no dataset given")
+    cfg.data.path = storage.normalize_uri(cfg.data.path)
+    try:
+        info = read_dataset_info(cfg.data.path)
+    except (DatasetError, OSError) as err:
+        raise InputError(f"--data {cfg.data.path}: {err}") from None
+    num_classes = len(info["classes"])
+    if cfg.detector.num_classes not in (0, num_classes):
+        raise InputError(
+            f"detector.num_classes={cfg.detector.num_classes} but dataset {cfg.data.path} has {num_classes} classes"
+        )
+    cfg.detector.num_classes = num_classes
+    if cfg.role == "gankd":
+        cfg.teacher = _check_teacher(job.teacher, cfg, info)
+    elif job.teacher:
+        raise InputError(f"--teacher is only used with --role gankd (role is {cfg.role})")
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    _check_levels(cfg)
+    if job.workers < 1 or job.cpus_per_worker <= 0 or job.gpus_per_worker < 0:
+        raise InputError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+    try:
+        storage.check_writable(job.run_dir)
+    except OSError as err:
+        raise InputError(f"--storage: {err}") from None
+    return job
+
+
+def _check_teacher(teacher: str | None, cfg: RunConfig, info: dict[str, Any]):
+    if not teacher:
+        raise InputError("--role gankd needs --teacher CKPT (a checkpoint of a teacher run)")
+    try:
+        teacher_cfg, _ = read_model_file(teacher)
+    except CheckpointError as err:
+        raise InputError(f"--teacher: {err}") from None
+    tdet = teacher_cfg.detector
+    if tdet.num_classes != len(info["classes"]):
+        raise InputError(
+            f"--teacher {teacher}: teacher has {tdet.num_classes} classes, dataset {cfg.data.path} has "
+            f"{len(info['classes'])}"
+        )
+    if tdet.image_size != cfg.detector.image_size:
+        raise InputError(
+            f"--teacher {teacher}: teacher input size {tdet.image_size} != student input size "
+            f"{cfg.detector.image_size} (set detector.image_size={tdet.image_size})"
+        )
+    return dataclasses.replace(tdet, weights=None)
+
+
+def _check_levels(cfg: RunConfig) -> None:
+    if cfg.role != "gankd" or not cfg.distill.levels:
+        return
+    from gankd_ray.models import level_names_for
+
+    known = level_names_for(cfg.detector)
+    unknown = [lvl for lvl in cfg.distill.levels if lvl not in known]
+    if unknown:
+        raise InputError(f"distill.levels: {unknown[0]!r} is not a level of {cfg.detector.backbone} ({', '.join(known)})")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray side
+
+
+def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
+    """A TorchTrainer for ``job``; reusing (storage, name) resumes that run from its latest checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from gankd_ray.train.loop import train_loop_per_worker
+
+    use_gpu = job.gpus_per_worker > 0
+    resources = {"CPU": job.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = job.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.loop_config(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.name,
+            storage_path=storage.normalize_uri(job.storage),
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            # Keep the best checkpoint by val mAP; Ray always keeps the latest one too (for resume).
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="map", checkpoint_score_order="max"
+            ),
+            callbacks=[MetricsLog(job.run_dir), *callbacks],
+        ),
+    )
+
+
+class MetricsLog(UserCallback):
+    """Runs in the Train controller: one JSON line per reported epoch, plus a progress line.
+
+    The file is rewritten whole each epoch (object stores cannot append). On a resumed run, lines of
+    epochs at or after the first newly reported one are dropped, so no epoch appears twice.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.path = storage.join(run_dir, METRICS_FILE)
+        self._records: list[dict[str, Any]] | None = None
+        self._started = time.time()
+
+    def _load(self) -> list[dict[str, Any]]:
+        if not storage.exists(self.path):
+            return []
+        return [json.loads(line) for line in storage.read_text(self.path).splitlines() if line.strip()]
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        record = {k: v for k, v in metrics[0].items() if _is_plain(v)}
+        if checkpoint is not None:
+            record["checkpoint"] = checkpoint.path
+        if self._records is None:
+            self._records = self._load()
+        epoch = record.get("epoch")
+        self._records = [r for r in self._records if epoch is None or r.get("epoch", -1) < epoch]
+        self._records.append(record)
+        storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._records))
+        print(format_progress(record), flush=True)
+
+
+def _is_plain(value: Any) -> bool:
+    return isinstance(value, (str, int, bool)) or (isinstance(value, float) and math.isfinite(value)) or value is None
+
+
+def format_progress(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record.get('epoch')}/{record.get('epochs', '?')}"]
+    for key in ("map", "ap50", "loss/total", "images_per_s"):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{key} {record[key]:.4g}")
+    parts.append(f"status {record.get('status', '?')}")
+    return "[gankd-ray] " + "  ".join(parts)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, METRICS_FILE)
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def run_training(job: TrainJob, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Fit ``job`` (Ray must be initialised) and summarise it from its metrics log.
+
+    Returns ``{"status", "best_map", "best_ap50", "best_epoch", "checkpoint", "epochs_done", "run_dir"}``.
+    """
+    storage.write_text(storage.join(job.run_dir, RESOLVED_CONFIG_FILE), job.config.to_yaml())
+    build_trainer(job, callbacks).fit()
+    return summarize(job.run_dir)
+
+
+def summarize(run_dir: str) -> dict[str, Any]:
+    records = read_metrics(run_dir)
+    if not records:
+        return {"status": "error", "run_dir": run_dir, "epochs_done": 0}
+    best = max(records, key=lambda r: r.get("map", -1.0))
+    return {
+        "status": records[-1].get("status"),
+        "best_map": best.get("map"),
+        "best_ap50": best.get("ap50"),
+        "best_epoch": best.get("epoch"),
+        "checkpoint": best.get("checkpoint"),
+        "epochs_done": records[-1].get("epoch"),
+        "run_dir": run_dir,
+    }
