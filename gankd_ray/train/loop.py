@@ -44,12 +44,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = _build_step(cfg, teacher, ctx)
     start_epoch, best = _restore(step, config, ctx)
     train_loader, val_loader, coco_gt = _build_data(cfg, ctx)
+    report_context = {"node": _node_name(), **config.get("report_extra", {})}
 
     for epoch in range(start_epoch, cfg.optim.epochs + 1):
         epoch_metrics = run_epoch(step, cfg, ctx, train_loader, val_loader, coco_gt, epoch)
         if epoch_metrics.get("map", -1.0) > best.get("best_map", -1.0):
             best = {"best_map": epoch_metrics["map"], "best_ap50": epoch_metrics["ap50"], "best_epoch": epoch}
         epoch_metrics.update(best)
+        epoch_metrics.update(report_context, reported_at=time.time())
         diverged = epoch_metrics["status"] == STATUS_DIVERGED
         if epoch == cfg.optim.epochs and not diverged:
             epoch_metrics["status"] = STATUS_COMPLETED
@@ -132,6 +134,12 @@ def _setup_worker(cfg: RunConfig, config: dict[str, Any]) -> WorkerContext:
         device = torch.device("cpu")
     seed_everything(cfg.seed * 1000 + rank)
     return WorkerContext(rank=rank, world_size=world, device=device)
+
+
+def _node_name() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12]
 
 
 def seed_everything(seed: int) -> None:

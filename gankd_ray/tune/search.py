@@ -1,0 +1,187 @@
+"""The search: Ray's three layers.
+
+per-worker loop (``gankd_ray.train.loop``) -> per-trial driver (``trial_driver``: builds a TorchTrainer
+named after the trial id) -> ``Tuner`` with OptunaSearch (seeded TPE over a define-by-run space) and an
+ASHA scheduler on val mAP.
+
+Experiment layout under ``<storage>/<name>/``: ``tune/`` (Tune's experiment state), ``trials/<trial_id>/``
+(each trial's Train run: checkpoints, metrics.jsonl), ``search.json`` (what was asked, for --resume),
+then the results written by ``gankd_ray.tune.results``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gankd_ray import storage
+from gankd_ray.config import RunConfig
+from gankd_ray.train.run import TrainJob
+from gankd_ray.tune.space import SearchSpace
+
+METRIC = "map"
+MODE = "max"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+
+
+@dataclass
+class SearchJob:
+    """Everything a search needs; plain data so it can be saved for ``--resume``."""
+
+    base: RunConfig
+    space: SearchSpace
+    storage: str
+    name: str
+    teacher: str
+    num_samples: int = 8
+    max_epochs: int = 3
+    grace_period: int = 1
+    reduction_factor: int = 2
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 1
+    seed: int = 0
+    optuna_storage: str | None = None
+    max_concurrent: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def experiment_dir(self) -> str:
+        return storage.join(storage.normalize_uri(self.storage), self.name)
+
+    @property
+    def trials_dir(self) -> str:
+        return storage.join(self.experiment_dir, TRIALS_DIR)
+
+    def trial_config(self, params: dict[str, Any]) -> RunConfig:
+        config = self.base.with_overrides(self.space.to_overrides(params))
+        config.role = "gankd"
+        config.optim.epochs = self.max_epochs
+        return config
+
+
+def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
+    """How many trials the cluster can run at once, so trials never wait on each other (no deadlock).
+
+    Each trial's driver takes no resources; its workers take ``workers * cpus`` (and GPUs).
+    Raises ``ValueError`` when even one trial can never fit.
+    """
+    per_trial_cpu = job.workers_per_trial * job.cpus_per_worker
+    limit = math.floor(resources.get("CPU", 0) / per_trial_cpu + 1e-9)
+    if job.gpus_per_worker > 0:
+        per_trial_gpu = job.workers_per_trial * job.gpus_per_worker
+        limit = min(limit, math.floor(resources.get("GPU", 0) / per_trial_gpu + 1e-9))
+    if limit < 1:
+        raise ValueError(
+            f"one trial needs {per_trial_cpu:g} CPU"
+            + (f" and {job.workers_per_trial * job.gpus_per_worker:g} GPU" if job.gpus_per_worker else "")
+            + f" but the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU in all"
+        )
+    if job.max_concurrent:
+        limit = min(limit, job.max_concurrent)
+    return max(1, min(limit, job.num_samples))
+
+
+def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
+    """Tune trainable: one trial = one TorchTrainer run named after the trial id.
+
+    The unique name matters: Train resumes any run with the same (storage, name), so a shared name would
+    make trials resume each other. The same name also makes a restored trial continue its own run.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from gankd_ray.train.run import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    train_job = TrainJob(
+        config=job.trial_config(params),
+        storage=job.trials_dir,
+        name=trial_id,
+        workers=job.workers_per_trial,
+        cpus_per_worker=job.cpus_per_worker,
+        gpus_per_worker=job.gpus_per_worker,
+        teacher=job.teacher,
+        max_failures=job.max_failures,
+        extra={"report_extra": {"trial_id": trial_id, "trial_started": time.time()}, **job.extra},
+    )
+    storage.write_text(storage.join(train_job.run_dir, "resolved_config.yaml"), train_job.config.to_yaml())
+    build_trainer(train_job, callbacks=[TuneReportCallback()]).fit()
+
+
+def build_tuner(job: SearchJob, resources: dict[str, float]):
+    """A fresh Tuner for ``job`` (use ``restore_tuner`` to continue an interrupted one)."""
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=job.seed, n_startup_trials=min(4, job.num_samples))
+    searcher = OptunaSearch(
+        space=job.space.sample,
+        metric=METRIC,
+        mode=MODE,
+        sampler=sampler,
+        study_name=job.name,
+        storage=_optuna_storage(job.optuna_storage),
+    )
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=job.max_epochs,
+        grace_period=job.grace_period,
+        reduction_factor=job.reduction_factor,
+    )
+    return ray.tune.Tuner(
+        _trainable(job),
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=job.num_samples,
+            max_concurrent_trials=concurrency_limit(job, resources),
+        ),
+        run_config=ray.tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=job.experiment_dir,
+            failure_config=ray.tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def restore_tuner(job: SearchJob):
+    import ray.tune
+
+    return ray.tune.Tuner.restore(
+        storage.join(job.experiment_dir, TUNE_DIR),
+        trainable=_trainable(job),
+        resume_unfinished=True,
+        resume_errored=False,
+    )
+
+
+def can_restore(job: SearchJob) -> bool:
+    import ray.tune
+
+    return ray.tune.Tuner.can_restore(storage.join(job.experiment_dir, TUNE_DIR))
+
+
+def _trainable(job: SearchJob):
+    import ray.tune
+
+    # The driver only waits on its TorchTrainer; the workers hold the CPUs. Giving the driver 0 CPU is
+    # what lets concurrency_limit() fill the cluster without trials waiting on each other.
+    return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, job=job), {"cpu": 0})
+
+
+def _optuna_storage(url: str | None):
+    if not url:
+        return None
+    import optuna
+
+    return optuna.storages.RDBStorage(url)

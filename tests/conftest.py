@@ -1,0 +1,42 @@
+"""Shared fixtures: small generated datasets, reusable by every test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gankd_ray.data.records import Rejections
+from gankd_ray.data.sources.synthetic import SyntheticSpec, synthetic_source_data
+from gankd_ray.data.writer import write_dataset
+
+SYNTHETIC_TEST_SPEC = SyntheticSpec(seed=0, image_size=160, num_train=48, num_val=16, num_test=16)
+SYNTHETIC_ROWS_PER_SHARD = 20  # train splits into files of 20, 20 and 8 rows: readers see several shards
+
+
+def make_synthetic_dataset(
+    out: Path, spec: SyntheticSpec = SYNTHETIC_TEST_SPEC, rows_per_shard: int = SYNTHETIC_ROWS_PER_SHARD
+) -> Path:
+    """Write a synthetic prepared dataset at ``out`` quietly; returns ``out``."""
+    write_dataset(out, synthetic_source_data(spec), Rejections(), rows_per_shard=rows_per_shard, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a prepared synthetic dataset: 160 px, 48 train / 16 val / 16 test images, 5 classes.
+
+    Session-scoped and shared: treat it as read-only.
+    """
+    return str(make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data"))
+
+
+def write_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A small noisy RGB image (format from the suffix: .png, .jpg)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path

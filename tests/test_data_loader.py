@@ -1,0 +1,111 @@
+"""The batch loader: equal step counts across ranks, seeded epochs, contract of the batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gankd_ray.config import DataConfig
+from gankd_ray.data import read_split
+from gankd_ray.data.loader import DetectionBatchLoader
+
+S, B = 160, 5
+
+
+def _ids(loader: DetectionBatchLoader) -> list[int]:
+    return [meta["image_id"] for _, _, metas in loader for meta in metas]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_rank_gets_the_same_number_of_training_batches(synthetic_data: str, world_size: int) -> None:
+    # 16 val rows over 3 ranks are shares of 5, 5 and 6: the rank with 6 must still stop at floor(5 / 2).
+    batch_size = 2
+    loaders = [
+        DetectionBatchLoader.from_dataset(
+            synthetic_data, "val", S, batch_size, train=True, rank=r, world_size=world_size, num_workers=0
+        )
+        for r in range(world_size)
+    ]
+    expected = (16 // world_size) // batch_size
+    assert [len(loader) for loader in loaders] == [expected] * world_size
+    for loader in loaders:
+        batches = list(loader)
+        assert len(batches) == expected and all(images.shape[0] == batch_size for images, _, _ in batches)
+
+
+def test_evaluation_yields_every_row_once_over_all_ranks(synthetic_data: str) -> None:
+    ids = []
+    for rank in range(3):
+        loader = DetectionBatchLoader.from_dataset(
+            synthetic_data, "val", S, B, train=False, rank=rank, world_size=3, num_workers=0
+        )
+        ids += _ids(loader)
+    assert sorted(ids) == sorted(r["image_id"] for r in read_split(synthetic_data, "val"))
+    assert len(ids) == 16
+
+
+def test_batches_follow_the_documented_contract(synthetic_data: str) -> None:
+    loader = DetectionBatchLoader.from_dataset(synthetic_data, "train", S, B, train=True, jitter=0.2, num_workers=1)
+    images, targets, metas = next(iter(loader))
+    assert images.shape == (B, 3, S, S) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    for target, meta in zip(targets, metas):
+        assert target["boxes"].dtype == torch.float32 and target["boxes"].shape[1] == 4
+        assert target["labels"].dtype == torch.int64 and len(target["labels"]) == len(target["boxes"])
+        assert ((target["labels"] >= 1) & (target["labels"] <= 5)).all()
+        assert (target["boxes"][:, 2:] > target["boxes"][:, :2]).all() and target["boxes"].max() <= S
+        assert isinstance(meta["image_id"], int) and meta["orig_size"] == (160, 160)
+
+
+def test_epochs_are_seeded_shuffles_and_workers_do_not_change_the_batches(synthetic_data: str) -> None:
+    def epoch_batches(num_workers: int, epoch: int) -> tuple[list[int], torch.Tensor]:
+        loader = DetectionBatchLoader.from_dataset(
+            synthetic_data, "train", S, B, train=True, seed=7, jitter=0.3, num_workers=num_workers
+        )
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        return [m["image_id"] for _, _, metas in batches for m in metas], torch.cat(
+            [images for images, _, _ in batches]
+        )
+
+    ids0, images0 = epoch_batches(0, epoch=0)
+    ids0_again, images0_again = epoch_batches(1, epoch=0)
+    ids1, _ = epoch_batches(0, epoch=1)
+    assert ids0 == ids0_again and torch.equal(images0, images0_again)
+    assert ids0 != ids1 and len(set(ids0)) == len(ids0) == 45
+
+
+def test_ignore_regions_are_removed_from_targets() -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 40)).save(buffer, format="PNG")
+    row = {
+        "image_id": 5,
+        "file_name": "x.png",
+        "width": 80,
+        "height": 40,
+        "image": buffer.getvalue(),
+        "boxes": np.array([[0, 0, 40, 20], [40, 20, 80, 40]], dtype=np.float32),
+        "labels": np.array([1, 2]),
+        "iscrowd": np.array([True, False]),
+    }
+    loader = DetectionBatchLoader([row], S, 1, train=False, num_workers=0)
+    _, targets, metas = next(iter(loader))
+    assert targets[0]["labels"].tolist() == [2]
+    assert targets[0]["boxes"].tolist() == [[80.0, 80.0, 160.0, 160.0]]
+    assert metas == [{"image_id": 5, "orig_size": (40, 80)}]
+
+
+def test_too_few_rows_for_one_batch_per_rank_is_an_error(synthetic_data: str) -> None:
+    with pytest.raises(ValueError, match="no full batch"):
+        DetectionBatchLoader.from_dataset(synthetic_data, "val", S, 9, train=True, rank=0, world_size=2, num_workers=0)
+
+
+def test_built_from_the_data_config(synthetic_data: str) -> None:
+    config = DataConfig(path=synthetic_data, loader_workers=0)
+    assert len(DetectionBatchLoader.from_config(config, S, B, train=True)) == 48 // B
+    assert len(DetectionBatchLoader.from_config(config, S, B, train=False)) == 4  # ceil(16 / 5)
