@@ -91,10 +91,11 @@ def read_model_file(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the detector a model file describes and load its weights (eval mode)."""
-    from gankd_ray.models import build_detector
+    from gankd_ray.distill import build_student
 
     config, state = read_model_file(path)
-    detector = build_detector(_without_weights(config.detector))
+    config.detector = _without_weights(config.detector)
+    detector = build_student(config)  # the architecture this config trains (teacher head mode included)
     try:
         detector.load_state_dict(state)
     except RuntimeError as err:

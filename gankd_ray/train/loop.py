@@ -171,23 +171,19 @@ def _ddp_wrapper(ctx: WorkerContext) -> Callable[[torch.nn.Module], torch.nn.Mod
 
 
 def _build_data(cfg: RunConfig, ctx: WorkerContext):
-    from gankd_ray.data import DetectionBatchLoader
+    from gankd_ray.data.loader import DetectionBatchLoader
     from gankd_ray.eval import load_coco
 
-    common = dict(
-        uri=cfg.data.path,
-        image_size=cfg.detector.image_size,
-        batch_size=cfg.optim.batch_size,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        num_workers=cfg.data.loader_workers,
-        seed=cfg.seed,
-    )
-    train = DetectionBatchLoader(
-        split=cfg.data.train_split, train=True, hflip=cfg.data.hflip, jitter=cfg.data.jitter, **common
-    )
-    val = DetectionBatchLoader(split=cfg.data.val_split, train=False, **common)
-    coco_gt = load_coco(cfg.data.path, cfg.data.val_split) if ctx.rank == 0 else None
+    def loader(split: str, train: bool) -> DetectionBatchLoader:
+        return DetectionBatchLoader.from_dataset(
+            cfg.data.path, split, cfg.detector.image_size, cfg.optim.batch_size,
+            train=train, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
+            hflip=cfg.data.hflip and train, jitter=cfg.data.jitter if train else 0.0,
+            num_workers=cfg.data.loader_workers,
+        )
+
+    train, val = loader(cfg.data.train_split, True), loader(cfg.data.val_split, False)
+    coco_gt = load_coco(cfg.data.path, cfg.data.val_split)  # every rank scores the gathered results
     return train, val, coco_gt
 
 
