@@ -59,6 +59,11 @@ def build_job(args: argparse.Namespace) -> TrainJob:
     return resolve_job(job)
 
 
+def _fmt(value) -> str:
+    """A metric for the summary line; missing (no epoch reported, NaN dropped from the log) shows as n/a."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_training(job)
     print(
         f"[gankd-ray] {job.name}: status {summary['status']}, epochs {summary.get('epochs_done')}, "
-        f"best mAP {summary.get('best_map', float('nan')):.4f} (AP50 {summary.get('best_ap50', float('nan')):.4f}) "
+        f"best mAP {_fmt(summary.get('best_map'))} (AP50 {_fmt(summary.get('best_ap50'))}) "
         f"at epoch {summary.get('best_epoch')}, checkpoint {summary.get('checkpoint')}"
     )
     return EXIT_DIVERGED if summary["status"] == "diverged" else 0

@@ -69,10 +69,11 @@ def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, train_loader, val_loader
     status = STATUS_RUNNING
     started = time.perf_counter()
     try:
-        train_metrics, images_seen = train_one_epoch(step, train_loader, epoch)
+        train_metrics, image_ids = train_one_epoch(step, train_loader, epoch)
     except Diverged as err:
-        train_metrics, images_seen, status = dict(err.metrics), 0, STATUS_DIVERGED
+        train_metrics, image_ids, status = dict(err.metrics), [], STATUS_DIVERGED
     train_s = time.perf_counter() - started
+    all_ids = _gather_ids(image_ids, ctx)
     eval_started = time.perf_counter()
     quality = evaluate(step.predict, val_loader, coco_gt, ctx)
     eval_s = time.perf_counter() - eval_started
@@ -83,24 +84,27 @@ def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, train_loader, val_loader
         "epochs": cfg.optim.epochs,
         "world_size": ctx.world_size,
         "status": status,
-        "images_per_s": images_seen * ctx.world_size / max(train_s, 1e-9),
+        "images_per_s": len(all_ids) / max(train_s, 1e-9),
+        # over all ranks: images trained on, and distinct ids among them (equal when shares are disjoint)
+        "train_images": len(all_ids),
+        "train_unique_images": len(set(all_ids)),
         "train_s": train_s,
         "eval_s": eval_s,
     }
 
 
-def train_one_epoch(step, loader, epoch: int) -> tuple[dict[str, float], int]:
-    """Returns the mean of every step term over the epoch and the number of images seen by this rank."""
+def train_one_epoch(step, loader, epoch: int) -> tuple[dict[str, float], list[int]]:
+    """Returns the mean of every step term over the epoch and the image ids this rank trained on."""
     loader.set_epoch(epoch)
     totals: dict[str, float] = {}
     batches = len(loader)
-    images = 0
-    for index, (inputs, targets, _) in enumerate(loader):
+    images: list[int] = []
+    for index, (inputs, targets, metas) in enumerate(loader):
         progress = (epoch - 1) + index / max(batches, 1)
         terms = step.train_step(inputs, targets, progress)
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value
-        images += inputs.shape[0]
+        images.extend(int(m["image_id"]) for m in metas)
     return {k: v / max(batches, 1) for k, v in totals.items()}, images
 
 
@@ -215,6 +219,15 @@ def _restore(step, config: dict[str, Any], ctx: WorkerContext) -> tuple[int, dic
     else:  # only rank 0's stream is saved; other ranks reseed deterministically from the epoch
         seed_everything(int(state["epoch"]) * 7919 + ctx.rank)
     return int(state["epoch"]) + 1, dict(state.get("best", {}))
+
+
+def _gather_ids(ids: list[int], ctx: WorkerContext) -> list[int]:
+    """Every rank's trained image ids, concatenated (a collective: every rank calls it each epoch)."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return list(ids)
+    gathered: list[list[int]] = [None] * ctx.world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, list(ids))
+    return [i for rank_ids in gathered for i in rank_ids]
 
 
 def _reduce_mean(metrics: dict[str, float], ctx: WorkerContext) -> dict[str, float]:

@@ -227,7 +227,7 @@ def summarize(run_dir: str) -> dict[str, Any]:
     records = read_metrics(run_dir)
     if not records:
         return {"status": "error", "run_dir": run_dir, "epochs_done": 0}
-    best = max(records, key=lambda r: r.get("map", -1.0))
+    best = max(records, key=lambda r: r["map"] if isinstance(r.get("map"), (int, float)) else -1.0)
     return {
         "status": records[-1].get("status"),
         "best_map": best.get("map"),

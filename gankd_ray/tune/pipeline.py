@@ -1,0 +1,179 @@
+"""The product's main job: (teacher) -> baseline student -> search -> tables, report, export.
+
+``launch/search.py`` is a thin CLI over ``plan_search`` (all input checks, no Ray) and ``run_search``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gankd_ray import storage
+from gankd_ray.config import ConfigError, RunConfig
+from gankd_ray.train.run import InputError, TrainJob, resolve_job, run_training, summarize
+from gankd_ray.tune import results as res
+from gankd_ray.tune.search import SearchJob
+from gankd_ray.tune.space import SpaceError, load_space
+
+DEFAULT_DATA = "data/synthetic"
+DEFAULT_STORAGE = "runs"
+DEFAULT_NAME = "default"
+DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
+TEACHER_BACKBONE = "mobilenet_v2"
+
+
+@dataclass
+class SearchPlan:
+    job: SearchJob
+    teacher_job: TrainJob | None  # None when --teacher was given
+    baseline_job: TrainJob
+    resume: bool
+
+
+def plan_search(args) -> SearchPlan:
+    """Check every input and build the jobs; raises ``InputError`` before any Ray work."""
+    base = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    try:
+        base = base.with_overrides(args.overrides or [])
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    base.data.path = args.data
+    base.optim.epochs = args.max_epochs
+    from gankd_ray.models import level_names_for
+
+    try:
+        level_names = level_names_for(base.detector)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    try:
+        space = load_space(args.space, base, level_names)
+    except SpaceError as err:
+        raise InputError(str(err)) from None
+    experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
+    if args.resume and not storage.exists(storage.join(experiment_dir, "tune")):
+        raise InputError(f"--resume: no experiment named {args.name!r} in {args.storage}")
+    resources = dict(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+                     gpus_per_worker=args.gpus_per_worker)
+    teacher_job = None
+    if args.teacher is None:
+        teacher_cfg = _copy(base, "teacher")
+        teacher_cfg = teacher_cfg.with_overrides({"detector.backbone": TEACHER_BACKBONE,
+                                                  "optim.epochs": args.teacher_epochs})
+        teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=args.storage, name=f"{args.name}-teacher",
+                                           **resources))
+        teacher_path = storage.join(teacher_job.run_dir, "best")
+    else:
+        teacher_path = args.teacher
+    baseline_cfg = _copy(base, "student")
+    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **resources))
+    if args.teacher is not None:  # check the given teacher against data and student now
+        resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
+                             name="baseline", teacher=args.teacher, **resources))
+    job = SearchJob(
+        base=baseline.config, space=space, storage=args.storage, name=args.name, teacher=teacher_path,
+        num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, seed=args.seed,
+        optuna_storage=args.optuna_storage,
+    )
+    return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=args.resume)
+
+
+def _copy(config: RunConfig, role: str) -> RunConfig:
+    copy = RunConfig.from_dict(config.to_dict())
+    copy.role = role
+    return copy
+
+
+def ensure_teacher(plan: SearchPlan) -> dict[str, Any]:
+    """Train the teacher unless a finished one exists (it is reused next time); copy its best model."""
+    if plan.teacher_job is None:
+        return {}
+    run_dir = plan.teacher_job.run_dir
+    summary = summarize(run_dir)
+    if summary.get("status") != "completed" or not storage.exists(storage.join(run_dir, "best", "model.pt")):
+        print(f"[gankd-ray] training the teacher ({TEACHER_BACKBONE}) in {run_dir}", flush=True)
+        summary = run_training(plan.teacher_job)
+        _publish_best(summary, storage.join(run_dir, "best"))
+    else:
+        print(f"[gankd-ray] reusing the teacher in {run_dir}", flush=True)
+    return summary
+
+
+def _publish_best(summary: dict[str, Any], best_dir: str) -> None:
+    from gankd_ray.train.checkpoint import load_torch, save_torch
+
+    if not summary.get("checkpoint"):
+        raise RuntimeError(f"teacher run {summary['run_dir']} produced no checkpoint (status {summary['status']})")
+    payload = load_torch(storage.join(summary["checkpoint"], "model.pt"))
+    save_torch(payload, storage.join(best_dir, "model.pt"))
+
+
+def ensure_baseline(plan: SearchPlan) -> dict[str, Any]:
+    summary = summarize(plan.baseline_job.run_dir)
+    if summary.get("status") == "completed":
+        return summary
+    print("[gankd-ray] training the no-KD baseline student", flush=True)
+    return run_training(plan.baseline_job)
+
+
+def run_tuner(plan: SearchPlan):
+    from gankd_ray.cluster import cluster_resources
+    from gankd_ray.tune.search import build_tuner, restore_tuner
+
+    tuner = restore_tuner(plan.job) if plan.resume else build_tuner(plan.job, cluster_resources())
+    return tuner.fit()
+
+
+def finish(plan: SearchPlan, result_grid, teacher: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Tables, export of the best trial, report and the final table."""
+    from gankd_ray.tune.export import export_model
+    from gankd_ray.tune.report import write_report
+
+    job = plan.job
+    trials, epochs = res.collect(result_grid, job.trials_dir, job.max_epochs, job.space.keys)
+    res.write_tables(job.experiment_dir, trials, epochs)
+    best = res.best_trial(trials)
+    best_id = None if best is None else str(best["trial_id"])
+    if best is not None and best.get("best_checkpoint"):
+        card = {"trial_id": best_id, "hyperparameters": {k: _plain(best.get(k)) for k in job.space.keys},
+                "val_map": _plain(best["best_map"]), "val_ap50": _plain(best["best_ap50"]), "teacher": job.teacher,
+                "baseline_val_map": baseline.get("best_map"), "teacher_val_map": teacher.get("best_map")}
+        export_model(storage.join(best["best_checkpoint"], "model.pt"), storage.join(job.experiment_dir, "best"), card)
+    table = summary_table(best, job.space.keys, teacher, baseline)
+    write_report(storage.join(job.experiment_dir, "report"), trials, epochs, job.space, table, best_id)
+    return {"trials": trials, "best": best, "table": table}
+
+
+def summary_table(best, keys: list[str], teacher: dict[str, Any], baseline: dict[str, Any]) -> str:
+    rows = [("model", "val mAP", "val AP50")]
+    if teacher:
+        rows.append(("teacher", _num(teacher.get("best_map")), _num(teacher.get("best_ap50"))))
+    rows.append(("baseline student (no KD)", _num(baseline.get("best_map")), _num(baseline.get("best_ap50"))))
+    if best is not None:
+        rows.append((f"best GAN-KD trial {best['trial_id']}", _num(best["best_map"]), _num(best["best_ap50"])))
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|---|---|---|")
+    if best is not None:
+        params = ", ".join(f"{k}={_plain(best.get(k))}" for k in keys if _plain(best.get(k)) is not None)
+        lines.append(f"\nBest hyperparameters: {params}")
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def save_request(plan: SearchPlan, argv: list[str]) -> None:
+    storage.write_text(storage.join(plan.job.experiment_dir, "search.json"), json.dumps({"argv": argv}, indent=2))

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Search GAN-KD hyperparameters with Ray Tune + Optuna (TPE) + ASHA, then export the best student.
+
+With no arguments: the embedded default (a local Ray, the synthetic dataset prepared if absent, a
+teacher trained first and reused next time, a no-KD baseline, then a small default search).
+On a cluster: --address auto --data s3://... --storage s3://... --teacher CKPT --space FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gankd_ray.config import ConfigError  # noqa: E402
+from gankd_ray.train.run import InputError  # noqa: E402
+from gankd_ray.tune import pipeline  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--data", default=pipeline.DEFAULT_DATA, help="prepared dataset folder or URI")
+    p.add_argument("--storage", default=pipeline.DEFAULT_STORAGE, help="experiments folder or URI")
+    p.add_argument("--name", default=pipeline.DEFAULT_NAME, help="experiment name")
+    p.add_argument("--teacher", help="teacher checkpoint; default: train one (reused next time)")
+    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument("--space", default=str(pipeline.DEFAULT_SPACE), help="search space YAML")
+    p.add_argument("--config", help="base run config YAML")
+    p.add_argument("--num-samples", type=int, default=6, help="trials")
+    p.add_argument("--max-epochs", type=int, default=3, help="epochs of a trial that ASHA never stops")
+    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--reduction-factor", type=int, default=2)
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optuna-storage", help="Optuna RDB URL (e.g. sqlite:///study.db) to persist the study")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this --name")
+    p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
+    p.add_argument("--dashboard-host", default="127.0.0.1", help="bind address of a local Ray dashboard")
+    p.add_argument("overrides", nargs="*", help="key=value base config overrides")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_samples = max(args.num_samples, 6)
+        args.max_epochs, args.grace_period, args.reduction_factor = 3, 1, 2
+        args.teacher_epochs = min(args.teacher_epochs, 3)
+    return args
+
+
+def ensure_default_data(args: argparse.Namespace) -> None:
+    """The embedded default prepares the synthetic set when it is absent (a given --data must exist)."""
+    if args.data != pipeline.DEFAULT_DATA or Path(args.data, "dataset.json").exists():
+        return
+    from gankd_ray.data.prepare import main as prepare_main
+
+    print(f"[gankd-ray] preparing the synthetic dataset in {args.data}", flush=True)
+    code = prepare_main(["synthetic", "--out", args.data, "--num-train", "256", "--num-val", "64", "--num-test", "64"])
+    if code:
+        raise InputError(f"could not prepare {args.data}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        ensure_default_data(args)
+        plan = pipeline.plan_search(args)
+    except (ConfigError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from gankd_ray.cluster import cluster_resources, init_ray
+    from gankd_ray.tune.search import concurrency_limit
+
+    url = init_ray(args.address, dashboard=True, dashboard_host=args.dashboard_host)
+    print(f"[gankd-ray] Ray dashboard: {url}", flush=True)
+    try:
+        concurrency_limit(plan.job, cluster_resources())
+    except ValueError as err:
+        print(f"error: --workers-per-trial/--cpus-per-worker/--gpus-per-worker: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    pipeline.save_request(plan, sys.argv[1:] if argv is None else argv)
+    teacher = pipeline.ensure_teacher(plan)
+    baseline = pipeline.ensure_baseline(plan)
+    grid = pipeline.run_tuner(plan)
+    outcome = pipeline.finish(plan, grid, teacher, baseline)
+    print("\n" + outcome["table"])
+    print(f"\n[gankd-ray] results in {plan.job.experiment_dir} (trials.parquet, epochs.parquet, report/, best/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
