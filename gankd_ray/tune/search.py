@@ -25,6 +25,9 @@ METRIC = "map"
 MODE = "max"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
+# A trial driver only waits on its TorchTrainer: it asks no CPU, so the workers can fill the cluster.
+# Tune refuses an empty request, hence a token amount of memory.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 
 
 @dataclass
@@ -176,7 +179,7 @@ def _trainable(job: SearchJob):
 
     # The driver only waits on its TorchTrainer; the workers hold the CPUs. Giving the driver 0 CPU is
     # what lets concurrency_limit() fill the cluster without trials waiting on each other.
-    return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, job=job), {"cpu": 0})
+    return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, job=job), DRIVER_RESOURCES)
 
 
 def _optuna_storage(url: str | None):

@@ -1,0 +1,387 @@
+"""Use an exported student: export any trial of a search, evaluate an export, predict on image files.
+
+The library side of ``launch/export.py``, ``launch/evaluate.py`` and ``launch/predict.py`` (the CLIs only
+parse arguments and turn ``InferenceError`` into a one-line message and exit code 2).
+
+- :func:`export_trial`: a row of ``<experiment>/trials.parquet`` (the best healthy one by default) ->
+  ``export_model`` with the same card the search writes for its best trial.
+- :func:`evaluate_export`: COCO mAP / AP50 of an export on a prepared split. ``student.pt`` goes through
+  exactly the path of the training loop's validation (``TrainStep.predict``): images resized to ``S x S`` by
+  the eval ``DetectionBatchLoader``, then ``detect(extract(normalize(x)), S, orig_sizes)`` in float32, so
+  the val figure equals the search's ``best_map``. ``student.ts`` is evaluated as a user would run it: the
+  decoded original images in, TorchScript's own resize inside (tensor bilinear instead of PIL's), so
+  its numbers are close to, not identical with, the ``student.pt`` ones.
+- :func:`predict_images`: detections on image files, ``detections.json`` (COCO results) and one PNG per
+  image with the boxes drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gankd_ray import storage
+from gankd_ray.tune import results as res
+from gankd_ray.tune.export import ExportError, check_export, export_model
+
+# trials.parquet columns that are results, not hyperparameters.
+RESULT_COLUMNS = frozenset(res.TRIAL_COLUMNS) | {"best_epoch", "best_checkpoint"}
+
+
+class InferenceError(ValueError):
+    """Bad input for export / evaluate / predict: the message is one line, meant for the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# export a trial
+
+
+def read_trials(experiment_dir: str) -> Any:
+    """``<experiment_dir>/trials.parquet`` as a DataFrame."""
+    import pandas as pd
+
+    path = storage.join(experiment_dir, "trials.parquet")
+    if not storage.exists(path):
+        raise InferenceError(f"{path}: not found (not a finished search experiment directory)")
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable table is a user error here
+        raise InferenceError(f"{path}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def select_trial(trials: Any, trial_id: str | None = None) -> Any:
+    """The row of ``trial_id``, or the best healthy trial (``results.best_trial``) when it is ``None``."""
+    if "trial_id" not in trials or "best_checkpoint" not in trials:
+        raise InferenceError("trials.parquet lacks the trial_id / best_checkpoint columns")
+    if trial_id is None:
+        for column in ("status", "best_map"):
+            if column not in trials:
+                raise InferenceError(f"trials.parquet lacks the {column} column")
+        row = res.best_trial(trials)
+        if row is None:
+            raise InferenceError("no healthy trial with a val mAP in trials.parquet (all diverged or failed)")
+    else:
+        matches = trials[trials["trial_id"].astype(str) == str(trial_id)]
+        if matches.empty:
+            known = ", ".join(map(str, trials["trial_id"].tolist()[:10]))
+            raise InferenceError(f"unknown trial id {trial_id!r} (trials: {known})")
+        row = matches.iloc[0]
+    if not _plain(row.get("best_checkpoint")):
+        raise InferenceError(f"trial {row['trial_id']} has no checkpoint (it never finished an epoch)")
+    return row
+
+
+def trial_card(row: Any, trials_columns: Sequence[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card ``pipeline.finish`` writes: trial id, hyperparameter columns, val metrics (+ ``extra``)."""
+    keys = [c for c in trials_columns if c not in RESULT_COLUMNS]
+    card = {
+        "trial_id": str(row["trial_id"]),
+        "hyperparameters": {k: _plain(row.get(k)) for k in keys},
+        "val_map": _plain(row.get("best_map")),
+        "val_ap50": _plain(row.get("best_ap50")),
+        "best_epoch": _plain(row.get("best_epoch")),
+        "status": _plain(row.get("status")),
+    }
+    card.update(extra or {})
+    return card
+
+
+def model_file_of(checkpoint: str, experiment_dir: str) -> str:
+    """``<checkpoint>/model.pt``; a relative checkpoint path is tried against the experiment dir too."""
+    file = storage.join(checkpoint, "model.pt")
+    if storage.exists(file) or storage.has_scheme(checkpoint) or Path(checkpoint).is_absolute():
+        return file
+    other = storage.join(experiment_dir, checkpoint, "model.pt")
+    return other if storage.exists(other) else file
+
+
+def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Export a trial of a search exactly as the search exports its best; returns (out dir, card)."""
+    from gankd_ray.train.checkpoint import CheckpointError, read_model_file
+
+    trials = read_trials(experiment_dir)
+    row = select_trial(trials, trial_id)
+    model_file = model_file_of(str(row["best_checkpoint"]), experiment_dir)
+    extra: dict[str, Any] = {}
+    # Teacher / baseline figures of the search, when its own export recorded them.
+    best_card = storage.join(experiment_dir, "best", "card.json")
+    if storage.exists(best_card):
+        try:
+            previous = json.loads(storage.read_text(best_card))
+            extra.update({k: previous[k] for k in ("teacher", "baseline_val_map", "teacher_val_map") if k in previous})
+        except (ValueError, OSError):
+            pass
+    try:
+        config, _ = read_model_file(model_file)
+        classes = dataset_classes(config.data.path)
+        if classes:
+            extra["classes"] = classes
+        out = export_model(model_file, out_dir, trial_card(row, list(trials.columns), extra))
+    except CheckpointError as err:
+        raise InferenceError(str(err)) from None
+    return out, json.loads((out / "card.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# load an export
+
+
+def load_export(model_dir: str | Path, torchscript: bool = False, device: str | torch.device = "cpu"):
+    """``(model, config or None, card)`` of a complete export; ``model`` is the eager detector
+    (``student.pt``, weights-only) or the TorchScript module (``student.ts``)."""
+    from gankd_ray.train.checkpoint import CheckpointError, load_detector
+
+    try:
+        model_dir = check_export(model_dir)
+    except ExportError as err:
+        raise InferenceError(str(err)) from None
+    try:
+        card = json.loads((model_dir / "card.json").read_text())
+    except ValueError as err:
+        raise InferenceError(f"{model_dir / 'card.json'}: invalid JSON ({err})") from None
+    if torchscript:
+        try:
+            model = torch.jit.load(str(model_dir / "student.ts"), map_location=device).eval()
+        except RuntimeError as err:
+            raise InferenceError(f"{model_dir / 'student.ts'}: unreadable TorchScript ({str(err).splitlines()[0]})") from None
+        return model, None, card
+    try:
+        detector, config = load_detector(model_dir / "student.pt", device=device)
+    except CheckpointError as err:
+        raise InferenceError(str(err)) from None
+    return detector, config, card
+
+
+def run_scripted(model, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """``student.ts`` (or the eager detector in eval mode) on images ``[3, H, W]`` in [0, 1], any size."""
+    with torch.no_grad():
+        out = model(images)
+    if isinstance(out, tuple):  # scripted torchvision SSD returns (losses, detections)
+        out = out[1]
+    return out
+
+
+def predict_resized(detector, images: torch.Tensor, orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    """``TrainStep.predict`` for a loaded detector (float32, no autocast): images ``[B, 3, S, S]`` in [0, 1]."""
+    with torch.no_grad():
+        features = detector.extract(detector.normalize(images))
+        features = {level: feature.float() for level, feature in features.items()}
+        return detector.detect(features, images.shape[-2:], orig_sizes)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate_export(
+    model_dir: str | Path,
+    data: str,
+    split: str = "test",
+    *,
+    torchscript: bool = False,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """COCO metrics (``STAT_NAMES``, ``num_images``, ``num_detections``) of an export on ``split`` of ``data``."""
+    from gankd_ray.data import DatasetError, read_split
+    from gankd_ray.data.loader import DetectionBatchLoader
+    from gankd_ray.data.transforms import decode_rgb
+    from gankd_ray.eval import coco_results, evaluate_coco, load_coco
+
+    model, config, card = load_export(model_dir, torchscript=torchscript, device=device)
+    image_size = int(config.detector.image_size if config is not None else card["image_size"])
+    try:
+        coco_gt = load_coco(data, split)
+        if torchscript:
+            rows = read_split(data, split)
+        else:
+            loader = DetectionBatchLoader.from_dataset(
+                data, split, image_size, batch_size, train=False, hflip=False, jitter=0.0, num_workers=num_workers
+            )
+    except (DatasetError, OSError, ValueError, KeyError) as err:
+        raise InferenceError(f"{data}: cannot read split {split!r} ({_first_line(err)})") from None
+    results: list[dict[str, Any]] = []
+    if torchscript:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            images = [_to_tensor(decode_rgb(r["image"])).to(device) for r in chunk]
+            outputs = run_scripted(model, images)
+            results.extend(coco_results(outputs, [{"image_id": int(r["image_id"])} for r in chunk]))
+    else:
+        for images, _, metas in loader:
+            outputs = predict_resized(model, images.to(device), [m["orig_size"] for m in metas])
+            results.extend(coco_results(outputs, metas))
+    metrics: dict[str, Any] = evaluate_coco(coco_gt, results)
+    metrics.update({"split": split, "model": str(model_dir), "file": "student.ts" if torchscript else "student.pt"})
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+def predict_images(
+    model_dir: str | Path,
+    image_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    score_thresh: float = 0.3,
+    *,
+    torchscript: bool | None = None,
+) -> dict[str, Any]:
+    """Detections on image files: ``out_dir/detections.json`` and one annotated PNG per image.
+
+    ``torchscript=None`` uses ``student.ts`` (what the export is for); ``False`` the weights-only
+    ``student.pt`` through the same eager forward. Image ids are 1.. in the order given.
+
+    Returns ``{"detections": path, "images": [png paths], "count": detections kept}``.
+    """
+    from gankd_ray.data.transforms import decode_rgb
+
+    model, config, card = load_export(model_dir, torchscript=torchscript is not False)
+    names = class_names(card, config)
+    paths = [Path(p) for p in image_paths]
+    pictures = []
+    for path in paths:
+        if not path.is_file():
+            raise InferenceError(f"{path}: image not found")
+        try:
+            pictures.append(decode_rgb(path.read_bytes()))
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            raise InferenceError(f"{path}: not a readable image ({_first_line(err)})") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    detections: list[dict[str, Any]] = []
+    written: list[str] = []
+    used: set[str] = set()
+    for image_id, (path, picture) in enumerate(zip(paths, pictures), start=1):
+        output = run_scripted(model, [_to_tensor(picture)])[0]
+        keep = output["scores"] >= score_thresh
+        boxes = output["boxes"][keep].tolist()
+        labels = output["labels"][keep].tolist()
+        scores = output["scores"][keep].tolist()
+        for (x1, y1, x2, y2), label, score in zip(boxes, labels, scores):
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "file_name": str(path),
+                    "category_id": int(label),
+                    "category_name": _name(names, int(label)),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
+        png = out_dir / _unique_png(path, used)
+        draw_detections(picture, boxes, [_name(names, int(l)) for l in labels], scores).save(png)
+        written.append(str(png))
+    detections_file = out_dir / "detections.json"
+    detections_file.write_text(json.dumps(detections, indent=1) + "\n")
+    return {"detections": str(detections_file), "images": written, "count": len(detections)}
+
+
+def draw_detections(picture, boxes: Sequence[Sequence[float]], labels: Sequence[str], scores: Sequence[float]):
+    """A copy of the PIL image with each box outlined and ``label score`` written above it."""
+    from PIL import ImageDraw
+
+    canvas = picture.copy()
+    draw = ImageDraw.Draw(canvas)
+    for (x1, y1, x2, y2), label, score in zip(boxes, labels, scores):
+        colour = _PALETTE[zlib.crc32(label.encode()) % len(_PALETTE)]
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+        text = f"{label} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), text)
+        ty = max(0.0, y1 - (bottom - top) - 2)
+        draw.rectangle([x1, ty, x1 + (right - left) + 2, ty + (bottom - top) + 2], fill=colour)
+        draw.text((x1 + 1, ty), text, fill=(0, 0, 0))
+    return canvas
+
+
+_PALETTE = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
+
+
+def class_names(card: dict[str, Any], config=None) -> list[str] | None:
+    """Class names (category id k -> names[k-1]): the card's ``classes``, else the training dataset's."""
+    if isinstance(card.get("classes"), list):
+        return [str(c) for c in card["classes"]]
+    path = card.get("dataset") or (config.data.path if config is not None else None)
+    return dataset_classes(path) if path else None
+
+
+def dataset_classes(path: str | None) -> list[str] | None:
+    """``classes`` of the prepared dataset at ``path``, or ``None`` when it is not reachable."""
+    if not path:
+        return None
+    from gankd_ray.data import read_dataset_info
+
+    try:
+        classes = read_dataset_info(path).get("classes")
+    except Exception:  # noqa: BLE001 - the names are a nicety; the dataset may live elsewhere
+        return None
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN -> None so the line is valid JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def _to_tensor(picture) -> torch.Tensor:
+    array = np.asarray(picture, dtype=np.float32) / np.float32(255.0)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def _name(names: list[str] | None, label: int) -> str:
+    if names and 1 <= label <= len(names):
+        return names[label - 1]
+    return f"class {label}"
+
+
+def _unique_png(path: Path, used: set[str]) -> str:
+    name = f"{path.stem}.png"
+    index = 1
+    while name in used:
+        name = f"{path.stem}_{index}.png"
+        index += 1
+    used.add(name)
+    return name
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+__all__ = [
+    "InferenceError",
+    "class_names",
+    "draw_detections",
+    "evaluate_export",
+    "export_trial",
+    "json_safe",
+    "load_export",
+    "predict_images",
+    "predict_resized",
+    "read_trials",
+    "run_scripted",
+    "select_trial",
+    "trial_card",
+]

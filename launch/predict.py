@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Detect objects in image files with an exported student (student.ts; --eager for student.pt).
+
+Writes OUT/detections.json (COCO results: image_id = position in --images from 1, file_name,
+category_id, category_name, bbox [x, y, w, h], score) and OUT/<image stem>.png with the boxes drawn.
+
+Example:
+    python launch/predict.py --model runs/default/best --images photos/*.jpg --out predictions [--score-thresh 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gankd_ray.tune.inference import InferenceError, predict_images  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="export folder (student.pt, student.ts, card.json)")
+    parser.add_argument("--images", required=True, nargs="+", help="image files")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this")
+    parser.add_argument("--eager", action="store_true", help="run student.pt instead of student.ts")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = predict_images(args.model, args.images, args.out, args.score_thresh,
+                                 torchscript=False if args.eager else None)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{summary['count']} detections in {len(summary['images'])} images -> {summary['detections']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
