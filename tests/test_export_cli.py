@@ -1,0 +1,192 @@
+"""Export / evaluate / predict CLIs on a real tiny trained student (no Ray).
+
+A MobileNetV2-0.35 student is trained a few steps on the synthetic data, saved as a model file the way
+the trainer does, and exported; the exported files are then used in fresh processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from gankd_ray.config import DataConfig, DetectorConfig, OptimConfig, RunConfig
+from gankd_ray.data import read_dataset_info
+from gankd_ray.data.loader import DetectionBatchLoader
+from gankd_ray.distill import build_step
+from gankd_ray.eval import coco_results, evaluate_coco, load_coco
+from gankd_ray.train.checkpoint import load_torch, model_payload, save_torch
+from gankd_ray.tune.export import export_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 160
+TRAIN_STEPS = 4
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+
+
+def _launch(name: str):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.manual_seed(0)
+    classes = read_dataset_info(synthetic_data)["classes"]
+    cfg = RunConfig(
+        role="student",
+        detector=DetectorConfig(backbone="mobilenet_v2_0.35", num_classes=len(classes), image_size=SIZE),
+        optim=OptimConfig(optimizer="adamw", lr=2e-3, warmup_epochs=0.0, epochs=1, batch_size=8),
+        data=DataConfig(path=synthetic_data, loader_workers=0),
+    )
+    step = build_step(cfg, teacher=None, device="cpu")
+    train = DetectionBatchLoader.from_dataset(synthetic_data, "train", SIZE, 8, train=True, num_workers=0, jitter=0.0)
+    for index, (images, targets, _) in enumerate(train):
+        if index == TRAIN_STEPS:
+            break
+        step.train_step(images, targets, index / len(train))
+    # The val figure of the training loop: step.predict over the eval loader.
+    val = DetectionBatchLoader.from_dataset(synthetic_data, "val", SIZE, 8, train=False, num_workers=0)
+    results = []
+    for images, _, metas in val:
+        results.extend(coco_results(step.predict(images, [m["orig_size"] for m in metas]), metas))
+    val_metrics = evaluate_coco(load_coco(synthetic_data, "val"), results)
+
+    root = tmp_path_factory.mktemp("export")
+    checkpoint = root / "experiment" / "trials" / "t1" / "checkpoint_000001"
+    save_torch(model_payload(step.export_detector(), cfg), checkpoint / "model.pt")
+    export = export_model(checkpoint / "model.pt", root / "best", {"trial_id": "t1", "val_map": val_metrics["map"]})
+    return {"root": root, "checkpoint": checkpoint, "export": export, "val": val_metrics, "data": synthetic_data,
+            "classes": classes}
+
+
+def test_exported_files_load_in_a_fresh_process(trained):
+    export = trained["export"]
+    assert sorted(p.name for p in export.iterdir()) == ["card.json", "student.pt", "student.ts"]
+    payload = torch.load(export / "student.pt", map_location="cpu", weights_only=True)
+    assert payload["format"] == "gankd-ray-model" and payload["config"]["detector"]["num_classes"] == len(trained["classes"])
+    script = (
+        "import sys, torch\n"
+        "m = torch.jit.load(sys.argv[1]).eval()\n"
+        "out = m([torch.rand(3, 120, 200), torch.rand(3, 160, 160)])\n"
+        "out = out[1] if isinstance(out, tuple) else out\n"
+        "assert len(out) == 2 and set(out[0]) == {'boxes', 'labels', 'scores'}, out\n"
+        "assert out[0]['boxes'].shape[-1] == 4 and out[0]['boxes'].shape[0] > 0\n"
+        "print('ok', out[0]['boxes'].shape[0])\n"
+    )
+    proc = _run("-c", script, str(export / "student.ts"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok")
+
+
+def test_evaluate_matches_the_training_loops_val_figure(trained):
+    assert trained["val"]["num_detections"] > 0
+    proc = _run("launch/evaluate.py", "--model", str(trained["export"]), "--data", trained["data"], "--split", "val")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("map: ") for line in lines) and any(line.startswith("ap50: ") for line in lines)
+    metrics = json.loads(lines[-1])
+    assert metrics["map"] == pytest.approx(trained["val"]["map"], abs=1e-6)
+    assert metrics["ap50"] == pytest.approx(trained["val"]["ap50"], abs=1e-6)
+    assert metrics["num_detections"] == trained["val"]["num_detections"]
+
+
+def test_evaluate_torchscript_is_close(trained, capsys):
+    evaluate = _launch("evaluate")
+    assert evaluate.main(["--model", str(trained["export"]), "--data", trained["data"], "--split", "val", "--torchscript"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["file"] == "student.ts"
+    assert metrics["num_detections"] > 0
+    # Same network; only the resize differs (PIL bilinear in the loader, tensor bilinear in TorchScript).
+    assert metrics["map"] == pytest.approx(trained["val"]["map"], abs=0.05)
+    assert metrics["ap50"] == pytest.approx(trained["val"]["ap50"], abs=0.05)
+
+
+def test_evaluate_bad_input_exits_2(trained, tmp_path, capsys):
+    evaluate = _launch("evaluate")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("student.pt", "card.json"):
+        (broken / name).write_bytes((trained["export"] / name).read_bytes())
+    assert evaluate.main(["--model", str(broken), "--data", trained["data"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing student.ts" in err and len(err.splitlines()) == 1
+    assert evaluate.main(["--model", str(trained["export"]), "--data", str(tmp_path / "nodata")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nodata" in err and len(err.splitlines()) == 1
+
+
+def test_missing_student_ts_cli_exit_2(trained, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("student.pt", "card.json"):
+        (broken / name).write_bytes((trained["export"] / name).read_bytes())
+    proc = _run("launch/evaluate.py", "--model", str(broken), "--data", trained["data"], "--torchscript")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "missing student.ts" in proc.stderr
+
+
+def test_predict_writes_detections_and_pngs(trained, tmp_path, capsys):
+    from PIL import Image
+
+    images_dir = Path(trained["data"]) / "images"
+    files = sorted(p for p in images_dir.rglob("*") if p.is_file())[:2]
+    assert files
+    predict = _launch("predict")
+    out = tmp_path / "pred"
+    assert predict.main(["--model", str(trained["export"]), "--images", *map(str, files), "--out", str(out),
+                         "--score-thresh", "0.0"]) == 0
+    detections = json.loads((out / "detections.json").read_text())
+    assert detections, "score-thresh 0 keeps every detection"
+    assert {d["image_id"] for d in detections} <= {1, 2}
+    assert {d["file_name"] for d in detections} <= set(map(str, files))
+    first = detections[0]
+    assert set(first) >= {"image_id", "file_name", "category_id", "bbox", "score"} and len(first["bbox"]) == 4
+    assert first["category_name"] in trained["classes"]
+    for file in files:
+        png = out / f"{file.stem}.png"
+        with Image.open(png) as picture, Image.open(file) as original:
+            assert picture.size == original.size
+    assert predict.main(["--model", str(trained["export"]), "--images", str(tmp_path / "nope.png"), "--out", str(out)]) == 2
+
+
+def test_export_cli_from_experiment(trained, tmp_path, capsys):
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    checkpoint = str(trained["checkpoint"])
+    pd.DataFrame(
+        [
+            {"trial_id": "t1", "status": "completed", "best_map": 0.30, "best_ap50": 0.5, "best_checkpoint": checkpoint, "adv_weight": 0.1},
+            {"trial_id": "t2", "status": "diverged", "best_map": 0.90, "best_ap50": 0.9, "best_checkpoint": checkpoint, "adv_weight": 1.0},
+            {"trial_id": "t3", "status": "error", "best_map": 0.80, "best_ap50": 0.8, "best_checkpoint": checkpoint, "adv_weight": 0.5},
+            {"trial_id": "t4", "status": "stopped_early", "best_map": 0.10, "best_ap50": 0.2, "best_checkpoint": checkpoint, "adv_weight": 0.01},
+        ]
+    ).to_parquet(experiment / "trials.parquet", index=False)
+    export = _launch("export")
+    out = tmp_path / "out"
+    assert export.main(["--experiment", str(experiment), "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["trial_id"] == "t1" and card["val_map"] == 0.30 and card["hyperparameters"] == {"adv_weight": 0.1}
+    assert card["classes"] == trained["classes"]
+    assert load_torch(out / "student.pt")["format"] == "gankd-ray-model"
+    assert export.main(["--experiment", str(experiment), "--out", str(out), "--trial", "t4"]) == 0
+    assert json.loads((out / "card.json").read_text())["trial_id"] == "t4"
+    capsys.readouterr()
+    assert export.main(["--experiment", str(experiment), "--out", str(tmp_path / "x"), "--trial", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown trial id 'nope'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    assert export.main(["--experiment", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2

@@ -1,0 +1,115 @@
+"""The search end to end with a real local Ray: a --smoke search, its tables, report and export,
+and the bad-input checks that must fail before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from gankd_ray.tune.space import SpaceError, load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = [sys.executable, str(ROOT / "launch" / "search.py")]
+LEVELS = ["level0", "level1", "level2", "level3", "level4"]
+FAST = ["optim.batch_size=8", "data.loader_workers=0"]
+
+
+def run_search(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([*SEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def smoke_search(synthetic_data, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("search")
+    proc = run_search("--smoke", "--data", synthetic_data, "--storage", str(storage), "--name", "smoke",
+                      "--teacher-epochs", "1", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return storage / "smoke", proc
+
+
+def test_smoke_search_tables(smoke_search):
+    experiment, proc = smoke_search
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    for column in ["trial_id", "status", "epochs", "best_map", "best_ap50", "last_map", "wall_s", "node",
+                   "adv_weight", "adv_loss", "disc_depth", "disc_norm", "levels", "lr_ratio"]:
+        assert column in trials.columns, column
+    assert len(trials) >= 6 and trials["trial_id"].is_unique
+    assert (trials["status"] == "stopped_early").any(), trials[["trial_id", "status", "epochs"]]
+    assert (trials["status"] == "completed").any()
+    assert set(trials["status"]) <= {"completed", "stopped_early", "diverged", "error"}
+    stopped = trials[trials["status"] == "stopped_early"]
+    assert (stopped["epochs"] < 3).all()
+    epochs = pd.read_parquet(experiment / "epochs.parquet")
+    per_trial = epochs.groupby("trial_id")["epoch"].apply(list)
+    for trial_id, seen in per_trial.items():  # every epoch reported once, in order
+        assert seen == list(range(1, len(seen) + 1)), (trial_id, seen)
+    assert "Ray dashboard: http://127.0.0.1:" in proc.stdout
+    assert "baseline student (no KD)" in proc.stdout and "best GAN-KD trial" in proc.stdout
+
+
+def test_smoke_search_report_and_export(smoke_search):
+    experiment, _ = smoke_search
+    report = experiment / "report"
+    assert (report / "report.md").read_text().startswith("# gankd-ray search report")
+    assert (report / "learning_curves.png").stat().st_size > 1000
+    assert (report / "optimisation_history.png").stat().st_size > 1000
+    best = experiment / "best"
+    payload = torch.load(best / "student.pt", weights_only=True)
+    assert payload["format"] == "gankd-ray-model" and payload["state_dict"]
+    code = (
+        "import torch,sys; m=torch.jit.load(sys.argv[1]); out=m([torch.rand(3,120,200)]);"
+        "print(type(out).__name__, sorted(out[1][0].keys()) if isinstance(out, tuple) else sorted(out[0].keys()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(best / "student.ts")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "boxes" in proc.stdout and "scores" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("params: {adv_weight: {type: loguniform, low: 1.0, high: 0.1}}", "inverted range"),
+        ("params: {adv_weight: {type: loguniform, low: 0.1, high: 0.1}}", "empty or inverted range"),
+        ("params: {bogus: 1}", "params.bogus: unknown parameter"),
+        ("params: {disc_norm: {type: categorical, choices: [none, wavelet]}}", "discriminator.norm"),
+        ("params: {disc_depth: {type: int, low: one, high: 3}}", "'low' must be a finite number"),
+        ("params: {levels: {type: categorical, choices: [[level0, level9]]}}", "'level9' is not a level"),
+        ("params: {lr: {type: loguniform, low: -1, high: 0.1}}", "log range needs low > 0"),
+        ("params: [1, 2", "invalid YAML"),
+        ("extra: 1\nparams: {n_critic: 1}", "unknown top-level key 'extra'"),
+    ],
+)
+def test_bad_space_files(tmp_path, content, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(content)
+    with pytest.raises(SpaceError, match=message.replace("(", r"\(").replace("[", r"\[")) as err:
+        load_space(path, level_names=LEVELS)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_shipped_spaces_are_valid():
+    for name in ("default", "paper", "wide"):
+        space = load_space(ROOT / "search_spaces" / f"{name}.yaml", level_names=LEVELS)
+        assert space.keys
+
+
+def test_bad_space_fails_before_ray(synthetic_data, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params: {adv_weight: {type: loguniform, low: 2, high: 1}}")
+    started = time.time()
+    proc = run_search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--space", str(bad))
+    assert proc.returncode == 2
+    assert "params.adv_weight" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "dashboard" not in proc.stdout and time.time() - started < 30
+    assert not (tmp_path / "runs" / "default" / "tune").exists()
+
+
+def test_resume_of_unknown_name_fails(synthetic_data, tmp_path):
+    proc = run_search("--data", synthetic_data, "--storage", str(tmp_path), "--name", "nope", "--resume")
+    assert proc.returncode == 2 and "no experiment named 'nope'" in proc.stderr
