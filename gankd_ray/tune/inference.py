@@ -147,6 +147,8 @@ def load_export(model_dir: str | Path, torchscript: bool = False, device: str | 
     except ValueError as err:
         raise InferenceError(f"{model_dir / 'card.json'}: invalid JSON ({err})") from None
     if torchscript:
+        import torchvision  # noqa: F401 - registers the torchvision ops (nms, box_iou) the script calls
+
         try:
             model = torch.jit.load(str(model_dir / "student.ts"), map_location=device).eval()
         except RuntimeError as err:
