@@ -71,6 +71,18 @@ def _check_completed_run(run_dir: str, epochs: int, first_epoch: int = 1) -> lis
     return records
 
 
+def test_summary_picks_kept_checkpoint_and_prints_missing_metrics(tmp_path):
+    """Ties in mAP go to the later epoch (the checkpoint Ray keeps); a log without mAP still prints."""
+    lines = [{"epoch": 1, "map": 0.0, "ap50": 0.0, "checkpoint": "c1", "status": "running"},
+             {"epoch": 2, "map": 0.0, "ap50": 0.0, "checkpoint": "c2", "status": "completed"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert summarize(str(tmp_path))["checkpoint"] == "c2"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "map": None, "status": "diverged"}) + "\n")
+    summary = summarize(str(tmp_path))
+    assert summary["best_map"] is None and summary["status"] == "diverged"
+    assert launch_train._fmt(None) == "n/a" and launch_train._fmt(0.25) == "0.2500"
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: refused before Ray starts
 

@@ -227,7 +227,11 @@ def summarize(run_dir: str) -> dict[str, Any]:
     records = read_metrics(run_dir)
     if not records:
         return {"status": "error", "run_dir": run_dir, "epochs_done": 0}
-    best = max(records, key=lambda r: r["map"] if isinstance(r.get("map"), (int, float)) else -1.0)
+    # Ties go to the later epoch: that is the checkpoint Ray keeps (num_to_keep=1 by "map").
+    def rank(r: dict[str, Any]) -> tuple[float, int]:
+        return (r["map"] if isinstance(r.get("map"), (int, float)) else -1.0, r.get("epoch") or 0)
+
+    best = max(records, key=rank)
     return {
         "status": records[-1].get("status"),
         "best_map": best.get("map"),

@@ -130,6 +130,7 @@ def run_tuner(plan: SearchPlan):
 
 def finish(plan: SearchPlan, result_grid, teacher: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
     """Tables, export of the best trial, report and the final table."""
+    from gankd_ray.data import read_dataset_info
     from gankd_ray.tune.export import export_model
     from gankd_ray.tune.report import write_report
 
@@ -141,7 +142,8 @@ def finish(plan: SearchPlan, result_grid, teacher: dict[str, Any], baseline: dic
     if best is not None and best.get("best_checkpoint"):
         card = {"trial_id": best_id, "hyperparameters": {k: _plain(best.get(k)) for k in job.space.keys},
                 "val_map": _plain(best["best_map"]), "val_ap50": _plain(best["best_ap50"]), "teacher": job.teacher,
-                "baseline_val_map": baseline.get("best_map"), "teacher_val_map": teacher.get("best_map")}
+                "baseline_val_map": baseline.get("best_map"), "teacher_val_map": teacher.get("best_map"),
+                "classes": read_dataset_info(job.base.data.path)["classes"]}
         export_model(storage.join(best["best_checkpoint"], "model.pt"), storage.join(job.experiment_dir, "best"), card)
     table = summary_table(best, job.space.keys, teacher, baseline)
     write_report(storage.join(job.experiment_dir, "report"), trials, epochs, job.space, table, best_id)
