@@ -63,7 +63,7 @@ def test_smoke_search_report_and_export(smoke_search):
     payload = torch.load(best / "student.pt", weights_only=True)
     assert payload["format"] == "gankd-ray-model" and payload["state_dict"]
     code = (
-        "import torch,sys; m=torch.jit.load(sys.argv[1]); out=m([torch.rand(3,120,200)]);"
+        "import torch,torchvision,sys; m=torch.jit.load(sys.argv[1]); out=m([torch.rand(3,120,200)]);"
         "print(type(out).__name__, sorted(out[1][0].keys()) if isinstance(out, tuple) else sorted(out[0].keys()))"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(best / "student.ts")], capture_output=True, text=True)
