@@ -54,3 +54,14 @@ def machine_description() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def plain_value(value: Any) -> Any:
+    """A numpy/pandas scalar as a plain Python value; NaN becomes None (for JSON cards and tables)."""
+    import math
+
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

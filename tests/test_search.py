@@ -20,17 +20,18 @@ LEVELS = ["level0", "level1", "level2", "level3", "level4"]
 FAST = ["optim.batch_size=8", "data.loader_workers=0"]
 
 
-def run_search(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([*SEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_search(*args: str, timeout: float = 900, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*SEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def smoke_search(synthetic_data, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("search")
-    proc = run_search("--smoke", "--data", synthetic_data, "--storage", str(storage), "--name", "smoke",
-                      "--teacher-epochs", "1", *FAST)
+    workdir = tmp_path_factory.mktemp("search")
+    # A relative --storage on purpose: Tune runs trial drivers in other working directories.
+    proc = run_search("--smoke", "--data", synthetic_data, "--storage", "runs", "--name", "smoke",
+                      "--teacher-epochs", "1", *FAST, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return storage / "smoke", proc
+    return workdir / "runs" / "smoke", proc
 
 
 def test_smoke_search_tables(smoke_search):
@@ -40,6 +41,7 @@ def test_smoke_search_tables(smoke_search):
                    "adv_weight", "adv_loss", "disc_depth", "disc_norm", "levels", "lr_ratio"]:
         assert column in trials.columns, column
     assert len(trials) >= 6 and trials["trial_id"].is_unique
+    assert (trials["epochs"] >= 1).all() and trials["best_map"].notna().all(), trials
     assert (trials["status"] == "stopped_early").any(), trials[["trial_id", "status", "epochs"]]
     assert (trials["status"] == "completed").any()
     assert set(trials["status"]) <= {"completed", "stopped_early", "diverged", "error"}

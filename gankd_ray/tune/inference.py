@@ -17,6 +17,8 @@ parse arguments and turn ``InferenceError`` into a one-line message and exit cod
 
 from __future__ import annotations
 
+from gankd_ray.utils import plain_value
+
 import json
 import math
 import zlib
@@ -73,7 +75,7 @@ def select_trial(trials: Any, trial_id: str | None = None) -> Any:
             known = ", ".join(map(str, trials["trial_id"].tolist()[:10]))
             raise InferenceError(f"unknown trial id {trial_id!r} (trials: {known})")
         row = matches.iloc[0]
-    if not _plain(row.get("best_checkpoint")):
+    if not plain_value(row.get("best_checkpoint")):
         raise InferenceError(f"trial {row['trial_id']} has no checkpoint (it never finished an epoch)")
     return row
 
@@ -83,11 +85,11 @@ def trial_card(row: Any, trials_columns: Sequence[str], extra: dict[str, Any] | 
     keys = [c for c in trials_columns if c not in RESULT_COLUMNS]
     card = {
         "trial_id": str(row["trial_id"]),
-        "hyperparameters": {k: _plain(row.get(k)) for k in keys},
-        "val_map": _plain(row.get("best_map")),
-        "val_ap50": _plain(row.get("best_ap50")),
-        "best_epoch": _plain(row.get("best_epoch")),
-        "status": _plain(row.get("status")),
+        "hyperparameters": {k: plain_value(row.get(k)) for k in keys},
+        "val_map": plain_value(row.get("best_map")),
+        "val_ap50": plain_value(row.get("best_ap50")),
+        "best_epoch": plain_value(row.get("best_epoch")),
+        "status": plain_value(row.get("status")),
     }
     card.update(extra or {})
     return card
@@ -358,13 +360,6 @@ def _unique_png(path: Path, used: set[str]) -> str:
     used.add(name)
     return name
 
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _first_line(err: BaseException) -> str:

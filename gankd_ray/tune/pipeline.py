@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from gankd_ray.utils import plain_value
+
 import json
 import math
 from dataclasses import dataclass
@@ -40,6 +42,10 @@ def plan_search(args) -> SearchPlan:
         base = base.with_overrides(args.overrides or [])
     except ConfigError as err:
         raise InputError(str(err)) from None
+    # Absolute paths: Tune runs each trial driver in its own working directory.
+    args.storage = storage.normalize_uri(args.storage)
+    if args.teacher is not None:
+        args.teacher = storage.normalize_uri(args.teacher)
     base.data.path = args.data
     base.optim.epochs = args.max_epochs
     from gankd_ray.models import level_names_for
@@ -140,8 +146,8 @@ def finish(plan: SearchPlan, result_grid, teacher: dict[str, Any], baseline: dic
     best = res.best_trial(trials)
     best_id = None if best is None else str(best["trial_id"])
     if best is not None and best.get("best_checkpoint"):
-        card = {"trial_id": best_id, "hyperparameters": {k: _plain(best.get(k)) for k in job.space.keys},
-                "val_map": _plain(best["best_map"]), "val_ap50": _plain(best["best_ap50"]), "teacher": job.teacher,
+        card = {"trial_id": best_id, "hyperparameters": {k: plain_value(best.get(k)) for k in job.space.keys},
+                "val_map": plain_value(best["best_map"]), "val_ap50": plain_value(best["best_ap50"]), "teacher": job.teacher,
                 "baseline_val_map": baseline.get("best_map"), "teacher_val_map": teacher.get("best_map"),
                 "classes": read_dataset_info(job.base.data.path)["classes"]}
         export_model(storage.join(best["best_checkpoint"], "model.pt"), storage.join(job.experiment_dir, "best"), card)
@@ -160,7 +166,7 @@ def summary_table(best, keys: list[str], teacher: dict[str, Any], baseline: dict
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|---|---|---|")
     if best is not None:
-        params = ", ".join(f"{k}={_plain(best.get(k))}" for k in keys if _plain(best.get(k)) is not None)
+        params = ", ".join(f"{k}={plain_value(best.get(k))}" for k in keys if plain_value(best.get(k)) is not None)
         lines.append(f"\nBest hyperparameters: {params}")
     return "\n".join(lines)
 
@@ -168,13 +174,6 @@ def summary_table(best, keys: list[str], teacher: dict[str, Any], baseline: dict
 def _num(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def save_request(plan: SearchPlan, argv: list[str]) -> None:

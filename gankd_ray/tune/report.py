@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gankd_ray.utils import plain_value
+
 import math
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,7 @@ def param_importances(trials: pd.DataFrame, space: SearchSpace) -> dict[str, flo
     study = optuna.create_study(direction="maximize")
     distributions = {p.key: _distribution(p) for p in searched}
     for _, row in rows.iterrows():
-        params = {k: _native(row[k]) for k in distributions}
+        params = {k: plain_value(row[k]) for k in distributions}
         if any(v is None for v in params.values()):
             continue
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=float(row["best_map"])))
@@ -106,13 +108,6 @@ def _distribution(param):
         return d.IntDistribution(int(param.low), int(param.high), log=param.log)
     return d.FloatDistribution(param.low, param.high, log=param.type == "loguniform")
 
-
-def _native(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _disc_diagnostics(epochs: pd.DataFrame, trial_id: str | None):
