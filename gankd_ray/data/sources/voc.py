@@ -28,7 +28,9 @@ COORDINATES = ("xmin", "ymin", "xmax", "ymax")
 
 
 @dataclass
-class _VocObject:
+class VocObject:
+    """One ``<object>``: its class name, 0-based xyxy box (see the module docstring) and ``difficult`` flag."""
+
     name: str
     box: tuple[float, float, float, float] | None  # None: a coordinate was missing or not a number
     difficult: bool
@@ -41,7 +43,7 @@ class _VocFile:
     image: Path
     width: int | None
     height: int | None
-    objects: list[_VocObject]
+    objects: list[VocObject]
 
 
 def voc_source_data(
@@ -90,9 +92,9 @@ def _parse(xml_path: Path, root: Path) -> _VocFile | None:
     return _VocFile(
         xml=xml_path,
         image=_image_path(tree, xml_path, root / "JPEGImages"),
-        width=_size_field(tree, "width"),
-        height=_size_field(tree, "height"),
-        objects=[_parse_object(node) for node in tree.findall("object")],
+        width=voc_size_field(tree, "width"),
+        height=voc_size_field(tree, "height"),
+        objects=[parse_voc_object(node) for node in tree.findall("object")],
     )
 
 
@@ -107,7 +109,7 @@ def _image_path(tree: ET.Element, xml_path: Path, image_dir: Path) -> Path:
     return image_dir / (named or f"{xml_path.stem}.jpg")  # missing: the validator reports it
 
 
-def _size_field(tree: ET.Element, name: str) -> int | None:
+def voc_size_field(tree: ET.Element, name: str) -> int | None:
     """``<size><width>``; None when the tag is absent, empty or not a number (then read from the image)."""
     text = (tree.findtext(f"size/{name}") or "").strip()
     try:
@@ -116,7 +118,8 @@ def _size_field(tree: ET.Element, name: str) -> int | None:
         return None
 
 
-def _parse_object(node: ET.Element) -> _VocObject:
+def parse_voc_object(node: ET.Element) -> VocObject:
+    """An ``<object>`` element; ``problem`` says why it is unusable (a coordinate missing or not a number)."""
     name = (node.findtext("name") or "").strip()
     difficult = (node.findtext("difficult") or "").strip() not in ("", "0")
     values = []
@@ -125,9 +128,9 @@ def _parse_object(node: ET.Element) -> _VocObject:
         try:
             values.append(float(text))
         except ValueError:
-            return _VocObject(name, None, difficult, problem=f"{tag} is missing or not a number ({text!r})")
+            return VocObject(name, None, difficult, problem=f"{tag} is missing or not a number ({text!r})")
     xmin, ymin, xmax, ymax = values
-    return _VocObject(name, (xmin - 1, ymin - 1, xmax, ymax), difficult)
+    return VocObject(name, (xmin - 1, ymin - 1, xmax, ymax), difficult)
 
 
 def _record(image_id: int, voc: _VocFile, category_ids: dict[str, int], rejections: Rejections) -> ImageRecord:
@@ -150,7 +153,7 @@ def _record(image_id: int, voc: _VocFile, category_ids: dict[str, int], rejectio
     return record
 
 
-def _object_problem(obj: _VocObject, category_ids: dict[str, int]) -> str:
+def _object_problem(obj: VocObject, category_ids: dict[str, int]) -> str:
     """Why ``obj`` cannot be used ("" when it can); box geometry is the validator's job."""
     if obj.problem:
         return obj.problem
