@@ -46,8 +46,7 @@ def init_ray(
     """
     import ray
 
-    for key, value in TRAIN_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_train_env_defaults()
     if ray.is_initialized():
         return _dashboard_url(ray.get_runtime_context())
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -61,6 +60,14 @@ def init_ray(
                 kwargs["dashboard_port"] = dashboard_port
         context = ray.init(**kwargs)
     return _dashboard_url(context)
+
+
+def apply_train_env_defaults() -> None:
+    """Set TRAIN_ENV_DEFAULTS where the user has not. Call it in every process that builds a trainer:
+    Ray Train propagates these variables from that process to its controller and workers, which on an
+    existing cluster do not inherit the launching shell's environment."""
+    for key, value in TRAIN_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def _dashboard_url(context: Any) -> str | None:

@@ -19,6 +19,7 @@ from gankd_ray.train.run import InputError  # noqa: E402
 from gankd_ray.tune import pipeline  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+PATH_OPTIONS = ("data", "teacher", "space", "config")  # relative to where the search was started
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optuna-storage", help="Optuna RDB URL (e.g. sqlite:///study.db) to persist the study")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this --name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted experiment --name in --storage with the options it was started with")
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
     p.add_argument("--dashboard-host", default="127.0.0.1", help="bind address of a local Ray dashboard")
     p.add_argument("overrides", nargs="*", help="key=value base config overrides")
@@ -64,9 +66,23 @@ def ensure_default_data(args: argparse.Namespace) -> None:
         raise InputError(f"could not prepare {args.data}")
 
 
+def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``--resume``: the saved request of ``--storage``/``--name``, with this command's connection options."""
+    saved = parse_args(pipeline.saved_request(args.storage, args.name))
+    for option in PATH_OPTIONS:
+        setattr(saved, option, pipeline.saved_path(args.storage, args.name, getattr(saved, option)))
+    for option in pipeline.CONNECTION_OPTIONS:
+        setattr(saved, option, getattr(args, option))
+    saved.resume = True
+    return saved
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args.resume:
+            args = resumed_args(args)
         ensure_default_data(args)
         plan = pipeline.plan_search(args)
     except (ConfigError, InputError) as err:
@@ -83,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: --workers-per-trial/--cpus-per-worker/--gpus-per-worker: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    pipeline.save_request(plan, sys.argv[1:] if argv is None else argv)
+    if not args.resume:
+        pipeline.save_request(plan, argv)
     teacher = pipeline.ensure_teacher(plan)
     baseline = pipeline.ensure_baseline(plan)
     grid = pipeline.run_tuner(plan)

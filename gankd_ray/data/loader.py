@@ -72,8 +72,8 @@ class DetectionBatchLoader:
             num_batches = (total // world_size) // batch_size
             if num_batches == 0:
                 raise ValueError(
-                    f"{total} training rows over {world_size} ranks give no full batch of {batch_size}; "
-                    "lower batch_size"
+                    f"optim.batch_size={batch_size}: {total} training rows over {world_size} ranks give no "
+                    "full batch; lower the batch size"
                 )
         else:
             num_batches = math.ceil(len(rows) / batch_size)

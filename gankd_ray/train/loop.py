@@ -26,6 +26,7 @@ from gankd_ray.train import checkpoint as ckpt
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_DIVERGED = "diverged"
+DIVERGED_QUALITY = {"map": 0.0, "ap50": 0.0}
 
 
 @dataclass
@@ -38,6 +39,7 @@ class WorkerContext:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
+    clock = {"worker_started_at": time.time()}  # start-up accounting: reported with the first epoch
     cfg = RunConfig.from_dict(config["run"])
     ctx = _setup_worker(cfg, config)
     teacher = _load_teacher(config.get("teacher"), ctx.device) if cfg.role == "gankd" else None
@@ -47,7 +49,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report_context = {"node": _node_name(), **config.get("report_extra", {})}
 
     for epoch in range(start_epoch, cfg.optim.epochs + 1):
-        epoch_metrics = run_epoch(step, cfg, ctx, train_loader, val_loader, coco_gt, epoch)
+        epoch_metrics = run_epoch(step, cfg, ctx, train_loader, val_loader, coco_gt, epoch, clock)
+        epoch_metrics.update(clock)
+        clock = {}
         if epoch_metrics.get("map", -1.0) > best.get("best_map", -1.0):
             best = {"best_map": epoch_metrics["map"], "best_ap50": epoch_metrics["ap50"], "best_epoch": epoch}
         epoch_metrics.update(best)
@@ -62,20 +66,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
 
 
-def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, train_loader, val_loader, coco_gt, epoch: int) -> dict:
-    """Train one epoch and evaluate; a non-finite loss ends training with status ``diverged``."""
+def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, train_loader, val_loader, coco_gt, epoch: int,
+              clock: dict[str, float] | None = None) -> dict:
+    """Train one epoch and evaluate; a non-finite loss ends training with status ``diverged``.
+
+    ``clock``: when given and without ``first_step_at``, receives the wall time of the first finished step.
+    """
     from gankd_ray.distill import Diverged
 
     status = STATUS_RUNNING
     started = time.perf_counter()
     try:
-        train_metrics, image_ids = train_one_epoch(step, train_loader, epoch)
+        train_metrics, image_ids = train_one_epoch(step, train_loader, epoch, clock)
     except Diverged as err:
         train_metrics, image_ids, status = dict(err.metrics), [], STATUS_DIVERGED
     train_s = time.perf_counter() - started
     all_ids = _gather_ids(image_ids, ctx)
     eval_started = time.perf_counter()
-    quality = evaluate(step.predict, val_loader, coco_gt, ctx)
+    # A diverged run scores zero for the scheduler and the searcher: the recipe failed, whatever the
+    # last finite weights would score.
+    quality = DIVERGED_QUALITY if status == STATUS_DIVERGED else evaluate(step.predict, val_loader, coco_gt, ctx)
     eval_s = time.perf_counter() - eval_started
     return {
         **_reduce_mean(train_metrics, ctx),
@@ -93,8 +103,11 @@ def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, train_loader, val_loader
     }
 
 
-def train_one_epoch(step, loader, epoch: int) -> tuple[dict[str, float], list[int]]:
-    """Returns the mean of every step term over the epoch and the image ids this rank trained on."""
+def train_one_epoch(step, loader, epoch: int, clock: dict[str, float] | None = None) -> tuple[dict[str, float], list[int]]:
+    """Returns the mean of every step term over the epoch and the image ids this rank trained on.
+
+    ``clock``: when given and without ``first_step_at``, receives the wall time of the first finished step.
+    """
     loader.set_epoch(epoch)
     totals: dict[str, float] = {}
     batches = len(loader)
@@ -102,6 +115,8 @@ def train_one_epoch(step, loader, epoch: int) -> tuple[dict[str, float], list[in
     for index, (inputs, targets, metas) in enumerate(loader):
         progress = (epoch - 1) + index / max(batches, 1)
         terms = step.train_step(inputs, targets, progress)
+        if clock is not None and "first_step_at" not in clock:
+            clock["first_step_at"] = time.time()
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value
         images.extend(int(m["image_id"]) for m in metas)

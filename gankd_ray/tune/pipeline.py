@@ -59,8 +59,6 @@ def plan_search(args) -> SearchPlan:
     except SpaceError as err:
         raise InputError(str(err)) from None
     experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
-    if args.resume and not storage.exists(storage.join(experiment_dir, "tune")):
-        raise InputError(f"--resume: no experiment named {args.name!r} in {args.storage}")
     resources = dict(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
                      gpus_per_worker=args.gpus_per_worker)
     teacher_job = None
@@ -130,7 +128,14 @@ def run_tuner(plan: SearchPlan):
     from gankd_ray.cluster import cluster_resources
     from gankd_ray.tune.search import build_tuner, restore_tuner
 
-    tuner = restore_tuner(plan.job) if plan.resume else build_tuner(plan.job, cluster_resources())
+    from gankd_ray.tune.search import can_restore
+
+    # A search killed before its tuner started (during the teacher or baseline) simply starts it now.
+    if plan.resume and can_restore(plan.job):
+        print(f"[gankd-ray] resuming the search in {plan.job.experiment_dir}", flush=True)
+        tuner = restore_tuner(plan.job)
+    else:
+        tuner = build_tuner(plan.job, cluster_resources())
     return tuner.fit()
 
 
@@ -176,5 +181,35 @@ def _num(value: Any) -> str:
 
 
 
+REQUEST_FILE = "search.json"
+# Options that say where and how to connect, not what to search: a resume takes them from its own command line.
+CONNECTION_OPTIONS = ("address", "dashboard_host", "storage", "name")
+
+
 def save_request(plan: SearchPlan, argv: list[str]) -> None:
-    storage.write_text(storage.join(plan.job.experiment_dir, "search.json"), json.dumps({"argv": argv}, indent=2))
+    """Keep the command line so ``--resume`` continues the same search from ``--storage``/``--name`` alone."""
+    path = storage.join(plan.job.experiment_dir, REQUEST_FILE)
+    storage.write_text(path, json.dumps({"argv": argv, "cwd": str(Path.cwd())}, indent=2))
+
+
+def saved_request(storage_uri: str, name: str) -> list[str]:
+    """The argv an experiment was started with; ``InputError`` when there is no such experiment."""
+    path = storage.join(storage.normalize_uri(storage_uri), name, REQUEST_FILE)
+    if not storage.exists(path):
+        raise InputError(f"--resume: no experiment named {name!r} in {storage_uri} ({path} is missing)")
+    try:
+        argv = json.loads(storage.read_text(path))["argv"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"--resume: {path} is not a gankd-ray search request") from None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise InputError(f"--resume: {path}: 'argv' must be a list of strings")
+    return argv
+
+
+def saved_path(storage_uri: str, name: str, value: str | None) -> str | None:
+    """A path option of a saved request, made absolute against the directory the search started in."""
+    if value is None or "://" in value or Path(value).is_absolute():
+        return value
+    path = storage.join(storage.normalize_uri(storage_uri), name, REQUEST_FILE)
+    cwd = json.loads(storage.read_text(path)).get("cwd")
+    return str(Path(cwd, value)) if cwd else value

@@ -26,8 +26,11 @@ MODE = "max"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 # A trial driver only waits on its TorchTrainer: it asks no CPU, so the workers can fill the cluster.
-# Tune refuses an empty request, hence a token amount of memory.
-DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}
+# Tune refuses an empty request, hence a token amount of memory. Drivers (and the Train controllers Ray
+# attaches to their node) live on the head node, so losing a worker node costs its trials a worker
+# restart from their last checkpoint (Train's FailureConfig), not the trial.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20, HEAD_NODE_RESOURCE: 0.001}
 
 
 @dataclass
@@ -98,8 +101,10 @@ def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from gankd_ray.cluster import apply_train_env_defaults
     from gankd_ray.train.run import build_trainer
 
+    apply_train_env_defaults()
     trial_id = ray.tune.get_context().get_trial_id()
     train_job = TrainJob(
         config=job.trial_config(params),
@@ -112,8 +117,27 @@ def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
         max_failures=job.max_failures,
         extra={"report_extra": {"trial_id": trial_id, "trial_started": time.time()}, **job.extra},
     )
+    finished = finished_run(train_job.run_dir)
+    if finished is not None:  # a restored search: the run ended before the driver was killed
+        ray.tune.report(finished)
+        return
     storage.write_text(storage.join(train_job.run_dir, "resolved_config.yaml"), train_job.config.to_yaml())
     build_trainer(train_job, callbacks=[TuneReportCallback()]).fit()
+
+
+def finished_run(run_dir: str) -> dict[str, Any] | None:
+    """The last epoch record of a Train run that already ended (completed or diverged), else None.
+
+    Tune restores trials whose end it had not yet saved; rerunning their trainer would report nothing
+    (the run resumes past its last epoch) and Tune needs one result, so the driver reports the record.
+    """
+    from gankd_ray.train.loop import STATUS_COMPLETED, STATUS_DIVERGED
+    from gankd_ray.train.run import read_metrics
+
+    records = read_metrics(run_dir)
+    if records and records[-1].get("status") in (STATUS_COMPLETED, STATUS_DIVERGED):
+        return records[-1]
+    return None
 
 
 def build_tuner(job: SearchJob, resources: dict[str, float]):
