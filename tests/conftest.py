@@ -40,3 +40,27 @@ def write_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def write_untrained_teacher(data: str, path: Path, backbone: str = "mobilenet_v2_0.5") -> str:
+    """A randomly initialised teacher saved as a gankd-ray model file for ``data``'s classes: tests of
+    faults and orchestration need a valid teacher, not a good one."""
+    import torch
+
+    from gankd_ray.config import RunConfig
+    from gankd_ray.data import read_dataset_info
+    from gankd_ray.models import build_detector
+    from gankd_ray.train.checkpoint import model_payload, save_torch
+
+    cfg = RunConfig(role="teacher")
+    cfg.detector.backbone = backbone
+    cfg.detector.num_classes = len(read_dataset_info(data)["classes"])
+    torch.manual_seed(0)
+    save_torch(model_payload(build_detector(cfg.detector), cfg), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def untrained_teacher(synthetic_data, tmp_path_factory) -> str:
+    """Path of an untrained mobilenet_v2_0.5 teacher for ``synthetic_data`` (read-only, shared)."""
+    return write_untrained_teacher(synthetic_data, tmp_path_factory.mktemp("teacher") / "model.pt")

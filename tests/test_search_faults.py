@@ -15,10 +15,6 @@ import pandas as pd
 import pytest
 import torch
 
-from gankd_ray.config import RunConfig
-from gankd_ray.data import read_dataset_info
-from gankd_ray.models import build_detector
-from gankd_ray.train.checkpoint import model_payload, save_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = [sys.executable, str(ROOT / "launch" / "search.py")]
@@ -34,27 +30,15 @@ params:
 """
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(synthetic_data, tmp_path_factory) -> str:
-    """An (untrained) mobilenet_v2_0.5 teacher saved as a gankd-ray model file: faults do not need a good one."""
-    cfg = RunConfig(role="teacher")
-    cfg.detector.backbone = "mobilenet_v2_0.5"
-    cfg.detector.num_classes = len(read_dataset_info(synthetic_data)["classes"])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "model.pt"
-    save_torch(model_payload(build_detector(cfg.detector), cfg), path)
-    return str(path)
-
-
 def search(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([*SEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
 
 
-def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, teacher_checkpoint, tmp_path):
+def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, untrained_teacher, tmp_path):
     space = tmp_path / "faulty.yaml"
     space.write_text(FAULTY_SPACE)
     proc = search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "faults",
-                  "--teacher", teacher_checkpoint, "--space", str(space), "--num-samples", "4",
+                  "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "4",
                   "--max-epochs", "2", "--seed", "4", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "runs" / "faults" / "trials.parquet")
@@ -103,10 +87,10 @@ def _kill_when_one_trial_finished(proc: subprocess.Popen, trials_dir: Path, time
     raise AssertionError(f"no point to kill at: search exited {proc.poll()} or timed out; trials {logs}")
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(synthetic_data, teacher_checkpoint, tmp_path):
+def test_killed_search_resumes_without_rerunning_finished_trials(synthetic_data, untrained_teacher, tmp_path):
     storage = tmp_path / "runs"
     trials_dir = storage / "resume" / "trials"
-    args = ["--data", synthetic_data, "--storage", str(storage), "--name", "resume", "--teacher", teacher_checkpoint,
+    args = ["--data", synthetic_data, "--storage", str(storage), "--name", "resume", "--teacher", untrained_teacher,
             "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2", *FAST]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([*SEARCH, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,

@@ -36,7 +36,7 @@ def trial_row(trial_id: str, params: dict[str, Any], records: list[dict[str, Any
     row["best_checkpoint"] = best.get("checkpoint") if best else None
     row["last_map"] = records[-1].get("map") if records else float("nan")
     row["wall_s"] = _wall_seconds(records)
-    row["node"] = records[-1].get("node") if records else None
+    row["node"] = _nodes(records)
     row["status"] = _status(records, error, max_epochs)
     for key in keys:
         row[key] = params.get(key)
@@ -51,6 +51,15 @@ def _status(records: list[dict[str, Any]], error: str | None, max_epochs: int) -
     if records and records[-1].get("epoch", 0) >= max_epochs:
         return COMPLETED
     return STOPPED_EARLY
+
+
+def _nodes(records: list[dict[str, Any]]) -> str | None:
+    """Every node the trial ran on, in order, comma-separated (a restart elsewhere adds one)."""
+    nodes: list[str] = []
+    for record in records:
+        if record.get("node") and (not nodes or nodes[-1] != record["node"]):
+            nodes.append(record["node"])
+    return ",".join(nodes) or None
 
 
 def _wall_seconds(records: list[dict[str, Any]]) -> float:
