@@ -53,6 +53,7 @@ def init_ray(
     if address:
         context = ray.init(address=address, **kwargs)
     else:
+        _quiet_default_auth_notice()
         kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard)
         if dashboard:
             kwargs["dashboard_host"] = dashboard_host
@@ -68,6 +69,26 @@ def apply_train_env_defaults() -> None:
     existing cluster do not inherit the launching shell's environment."""
     for key, value in TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _quiet_default_auth_notice() -> None:
+    """Drop Ray's notice that a local cluster uses token authentication (its secure default).
+
+    It goes to stderr at every start and would bury a one-line error such as a trial that can never fit
+    the cluster. Only that notice: the warning that authentication is disabled still shows.
+    """
+    auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropNotice) for f in auth_logger.filters):
+        auth_logger.addFilter(_DropNotice("Token authentication is enabled for this Ray cluster"))
 
 
 def _dashboard_url(context: Any) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -50,11 +52,38 @@ def write_text(uri: str, text: str) -> None:
 
 
 def check_writable(uri: str) -> None:
-    """Raise ``OSError`` with a clear message when ``uri`` cannot hold new files."""
-    probe = join(uri, ".gankd_write_probe")
+    """Raise ``OSError`` with a clear message when ``uri`` cannot hold new files.
+
+    Leaves nothing behind: a local path is probed in its nearest existing folder (so a refused run
+    does not leave empty run folders), an object store with a probe object that is deleted again.
+    """
     try:
-        write_text(probe, "ok")
-        fs, path = resolve(probe)
-        fs.delete_file(path)
+        if has_scheme(uri):
+            _probe_object(join(uri, ".gankd_write_probe"))
+        else:
+            _probe_local_folder(Path(normalize_uri(uri)))
     except OSError as err:
         raise OSError(f"{uri}: storage is not writable ({err.strerror or err})") from None
+
+
+def _probe_object(uri: str) -> None:
+    write_text(uri, "ok")
+    fs, path = resolve(uri)
+    fs.delete_file(path)
+
+
+def _probe_local_folder(path: Path) -> None:
+    folder = path
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gankd_write_probe.", dir=folder)
+        try:
+            os.write(fd, b"ok")  # a full file system fails here (ENOSPC), not at mkstemp
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write in {folder}: {err.strerror or err}") from None

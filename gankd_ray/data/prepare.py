@@ -61,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_output_dir(Path(args.out).absolute(), args.overwrite)
         data = get_source(args.source).load(args, rejections)
-        info = write_dataset(args.out, data, rejections, overwrite=args.overwrite, rows_per_shard=args.rows_per_shard)
+        # Progress goes to stdout: on invalid input, stderr holds the one error line and nothing else.
+        info = write_dataset(args.out, data, rejections, overwrite=args.overwrite, rows_per_shard=args.rows_per_shard,
+                             log=stdout_log)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -69,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr_log(f"dropped: {message}")
     print(summary_line(args.out, info))
     return 0
+
+
+def stdout_log(message: str) -> None:
+    print(message, flush=True)
 
 
 def summary_line(out: str, info: dict[str, Any]) -> str:

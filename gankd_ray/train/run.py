@@ -16,7 +16,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from gankd_ray import storage
 from gankd_ray.config import ConfigError, RunConfig
-from gankd_ray.train.checkpoint import CheckpointError, read_model_file
+from gankd_ray.train.checkpoint import CheckpointError, load_detector
 
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG_FILE = "resolved_config.yaml"
@@ -99,7 +99,9 @@ def _check_teacher(teacher: str | None, cfg: RunConfig, info: dict[str, Any]):
     if not teacher:
         raise InputError("--role gankd needs --teacher CKPT (a checkpoint of a teacher run)")
     try:
-        teacher_cfg, _ = read_model_file(teacher)
+        # Build it and load its weights now: a file whose weights belong to another architecture than
+        # its config names would otherwise only fail inside the Ray workers.
+        _, teacher_cfg = load_detector(teacher)
     except CheckpointError as err:
         raise InputError(f"--teacher: {err}") from None
     tdet = teacher_cfg.detector
@@ -117,7 +119,8 @@ def _check_teacher(teacher: str | None, cfg: RunConfig, info: dict[str, Any]):
 
 
 def _check_levels(cfg: RunConfig) -> None:
-    if cfg.role != "gankd" or not cfg.distill.levels:
+    # Every role: a search builds its GAN-KD trials from the baseline's config, levels included.
+    if not cfg.distill.levels:
         return
     from gankd_ray.models import level_names_for
 

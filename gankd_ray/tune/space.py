@@ -240,7 +240,12 @@ def _check_levels(path: Path, space: SearchSpace, level_names: list[str]) -> Non
 
 
 def _check_against_config(path: Path, space: SearchSpace, config: RunConfig) -> None:
-    """Every value a trial could get must make a valid RunConfig: catches wrong types and bad choices."""
+    """Every value a trial could get must make a valid RunConfig: catches wrong types and bad choices.
+
+    Raises ``ConfigError`` (not ``SpaceError``) when ``config`` is invalid before the space touches it:
+    then the culprit is the base config or its overrides (e.g. ``optim.lr=0``), not the space file.
+    """
+    _validate_searched_sections(config)
     try:
         base_cfg = config.with_overrides(space.base)
     except ConfigError as err:
@@ -250,12 +255,15 @@ def _check_against_config(path: Path, space: SearchSpace, config: RunConfig) -> 
             overrides = space.to_overrides({param.key: value})
             overrides = {k: v for k, v in overrides.items() if k not in space.base}
             try:
-                candidate = base_cfg.with_overrides(overrides)
-                candidate.distill.validate()
-                candidate.discriminator.validate()
-                candidate.optim.validate()
+                _validate_searched_sections(base_cfg.with_overrides(overrides))
             except ConfigError as err:
                 raise SpaceError(f"{path}: params.{param.key}: {err}") from None
+
+
+def _validate_searched_sections(config: RunConfig) -> None:
+    config.distill.validate()
+    config.discriminator.validate()
+    config.optim.validate()
 
 
 def _probe_values(param: Param) -> list[Any]:
