@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -101,17 +100,4 @@ def test_shipped_spaces_are_valid():
         assert space.keys
 
 
-def test_bad_space_fails_before_ray(synthetic_data, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("params: {adv_weight: {type: loguniform, low: 2, high: 1}}")
-    started = time.time()
-    proc = run_search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--space", str(bad))
-    assert proc.returncode == 2
-    assert "params.adv_weight" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert "dashboard" not in proc.stdout and time.time() - started < 30
-    assert not (tmp_path / "runs" / "default" / "tune").exists()
-
-
-def test_resume_of_unknown_name_fails(synthetic_data, tmp_path):
-    proc = run_search("--data", synthetic_data, "--storage", str(tmp_path), "--name", "nope", "--resume")
-    assert proc.returncode == 2 and "no experiment named 'nope'" in proc.stderr
+# CLI-level refusals (bad space, --resume of an unknown name, ...) live in tests/test_bad_input.py.
