@@ -15,10 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gankd_ray.config import ConfigError  # noqa: E402
-from gankd_ray.train.run import InputError  # noqa: E402
+from gankd_ray.train.run import InputError, storage_full_error  # noqa: E402
 from gankd_ray.tune import pipeline  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+EXIT_STORAGE_FULL = 4
 PATH_OPTIONS = ("data", "teacher", "space", "config")  # relative to where the search was started
 
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="base run config YAML")
     p.add_argument("--num-samples", type=int, default=6, help="trials")
     p.add_argument("--max-epochs", type=int, default=3, help="epochs of a trial that ASHA never stops")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                   help="asha stops weak trials early (default); fifo runs every trial to --max-epochs")
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--reduction-factor", type=int, default=2)
     p.add_argument("--workers-per-trial", type=int, default=1)
@@ -99,12 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: --workers-per-trial/--cpus-per-worker/--gpus-per-worker: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not args.resume:
-        pipeline.save_request(plan, argv)
-    teacher = pipeline.ensure_teacher(plan)
-    baseline = pipeline.ensure_baseline(plan)
-    grid = pipeline.run_tuner(plan)
-    outcome = pipeline.finish(plan, grid, teacher, baseline)
+    try:
+        if not args.resume:
+            pipeline.save_request(plan, argv)
+        teacher = pipeline.ensure_teacher(plan)
+        baseline = pipeline.ensure_baseline(plan)
+        grid = pipeline.run_tuner(plan)
+        outcome = pipeline.finish(plan, grid, teacher, baseline)
+    except Exception as err:
+        full = storage_full_error(err, args.storage, plan.job.experiment_dir)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
     print("\n" + outcome["table"])
     print(f"\n[gankd-ray] results in {plan.job.experiment_dir} (trials.parquet, epochs.parquet, report/, best/)")
     return 0

@@ -81,7 +81,7 @@ def plan_search(args) -> SearchPlan:
         num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, seed=args.seed,
-        optuna_storage=args.optuna_storage,
+        optuna_storage=args.optuna_storage, scheduler=args.scheduler,
     )
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=args.resume)
 

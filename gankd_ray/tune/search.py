@@ -53,6 +53,7 @@ class SearchJob:
     seed: int = 0
     optuna_storage: str | None = None
     max_concurrent: int | None = None
+    scheduler: str = "asha"  # or "fifo": every trial runs max_epochs (benchmarks compare the two)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -144,7 +145,7 @@ def build_tuner(job: SearchJob, resources: dict[str, float]):
     """A fresh Tuner for ``job`` (use ``restore_tuner`` to continue an interrupted one)."""
     import optuna
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=job.seed, n_startup_trials=min(4, job.num_samples))
@@ -161,7 +162,7 @@ def build_tuner(job: SearchJob, resources: dict[str, float]):
         max_t=job.max_epochs,
         grace_period=job.grace_period,
         reduction_factor=job.reduction_factor,
-    )
+    ) if job.scheduler == "asha" else FIFOScheduler()
     return ray.tune.Tuner(
         _trainable(job),
         tune_config=ray.tune.TuneConfig(
