@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prepare a detection dataset for training: ``python launch/prepare_data.py {synthetic,voc,coco} ... --out DIR``.
+"""Prepare a detection dataset for training: ``python launch/prepare_data.py {synthetic,voc,coco,neon-trees} ... --out DIR``.
 
 See ``gankd_ray/data/prepare.py`` (``--help`` of each subcommand lists its options).
 """
