@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    import ray
+
     from gankd_ray.cluster import cluster_resources, init_ray
     from gankd_ray.tune.search import concurrency_limit
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         full = storage_full_error(err, args.storage, plan.job.experiment_dir)
         if full is None:
             raise
+        ray.shutdown()  # Ray forwards the workers' tracebacks asynchronously: stop it so the error line comes last
         print(f"error: {full}", file=sys.stderr)
         return EXIT_STORAGE_FULL
     print("\n" + outcome["table"])

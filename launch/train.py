@@ -15,10 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gankd_ray.config import ConfigError, RunConfig  # noqa: E402
-from gankd_ray.train.run import InputError, TrainJob, resolve_job  # noqa: E402
+from gankd_ray.train.run import InputError, StorageFullError, TrainJob, resolve_job  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_STORAGE_FULL = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +60,12 @@ def build_job(args: argparse.Namespace) -> TrainJob:
     return resolve_job(job)
 
 
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def _fmt(value) -> str:
     """A metric for the summary line; missing (no epoch reported, NaN dropped from the log) shows as n/a."""
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
@@ -76,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     from gankd_ray.train.run import run_training
 
     init_ray(args.address, num_cpus=None)
-    summary = run_training(job)
+    try:
+        summary = run_training(job)
+    except StorageFullError as err:
+        _stop_ray()  # Ray forwards the workers' tracebacks asynchronously: stop it so the error line comes last
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
     print(
         f"[gankd-ray] {job.name}: status {summary['status']}, epochs {summary.get('epochs_done')}, "
         f"best mAP {_fmt(summary.get('best_map'))} (AP50 {_fmt(summary.get('best_ap50'))}) "

@@ -26,8 +26,9 @@ import torchvision
 from test_data_coco import coco_input
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIS = {name: ROOT / "launch" / f"{name}.py" for name in ("search", "prepare_data", "evaluate", "predict")}
+CLIS = {name: ROOT / "launch" / f"{name}.py" for name in ("search", "train", "prepare_data", "evaluate", "predict")}
 EXIT_BAD_INPUT = 2
+EXIT_STORAGE_FULL = 4
 MAX_SECONDS = 20  # a refused input costs the imports and the checks, nothing more
 MAX_SECONDS_WITH_RAY = 90  # starting a local Ray on a loaded 2-core machine takes a while, but never hangs
 PARALLEL = 2
@@ -272,19 +273,23 @@ def test_resources_the_cluster_can_never_hold_exit_2_without_writing(synthetic_d
 
 
 @pytest.fixture
-def full_tmpfs(tmp_path: Path):
-    """A 256 KiB tmpfs filled to the last byte (needs root to mount; skipped otherwise)."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        fill(mount / "filler")
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+def tmpfs(tmp_path: Path):
+    """``mount(size) -> folder``: a fresh tmpfs of that size (needs root; the test is skipped otherwise)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 def fill(path: Path) -> None:
@@ -298,11 +303,27 @@ def fill(path: Path) -> None:
                 raise
 
 
-def test_full_storage_is_refused_before_ray(synthetic_data: str, full_tmpfs: Path, tmp_path: Path) -> None:
-    before = snapshot(full_tmpfs)
-    args = [a.format(data=synthetic_data, work=tmp_path) for a in search("--storage", str(full_tmpfs / "runs"))]
+def test_full_storage_is_refused_before_ray(synthetic_data: str, tmpfs, tmp_path: Path) -> None:
+    full = tmpfs("256k")
+    fill(full / "filler")
+    before = snapshot(full)
+    args = [a.format(data=synthetic_data, work=tmp_path) for a in search("--storage", str(full / "runs"))]
     proc, seconds = run_cli("search", args, tmp_path)
-    assert_refused(proc, ["--storage", str(full_tmpfs), "No space left on device"])
+    assert_refused(proc, ["--storage", str(full), "No space left on device"])
     assert seconds < MAX_SECONDS
     assert_no_ray(proc)
-    assert snapshot(full_tmpfs) == before
+    assert snapshot(full) == before
+
+
+@pytest.mark.slow
+def test_storage_filling_up_during_training_ends_with_a_clear_error(synthetic_data: str, tmpfs, tmp_path) -> None:
+    """Room for the run's small files but not for its first checkpoint: Ray's worker error becomes one
+    closing ``error:`` line naming the storage, exit 4, instead of a traceback (or a hang)."""
+    small = tmpfs("256k")
+    args = ["--role", "student", "--data", synthetic_data, "--epochs", "1", "--workers", "1", "--max-failures", "0",
+            "--storage", str(small / "runs"), "--name", "full", "detector.backbone=mobilenet_v2_0.35",
+            "optim.batch_size=8", "data.loader_workers=0"]
+    proc, _ = run_cli("train", args, tmp_path, timeout=600)
+    assert proc.returncode == EXIT_STORAGE_FULL, (proc.returncode, proc.stderr[-3000:])
+    last = proc.stderr.strip().splitlines()[-1]  # after Ray's forwarded worker tracebacks
+    assert last.startswith(f"error: --storage {small / 'runs'}: no space left while writing"), proc.stderr[-3000:]

@@ -6,8 +6,10 @@ The same ``build_trainer`` serves the single-run CLI (``launch/train.py``) and e
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -24,6 +26,13 @@ RESOLVED_CONFIG_FILE = "resolved_config.yaml"
 
 class InputError(ValueError):
     """Bad user input found before any Ray work starts; the message names the culprit."""
+
+
+class StorageFullError(OSError):
+    """The run's storage filled up (or hit its quota) while the run wrote to it; the message names it."""
+
+
+STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -221,9 +230,42 @@ def run_training(job: TrainJob, callbacks: Sequence[Any] = ()) -> dict[str, Any]
 
     Returns ``{"status", "best_map", "best_ap50", "best_epoch", "checkpoint", "epochs_done", "run_dir"}``.
     """
-    storage.write_text(storage.join(job.run_dir, RESOLVED_CONFIG_FILE), job.config.to_yaml())
-    build_trainer(job, callbacks).fit()
+    try:
+        storage.write_text(storage.join(job.run_dir, RESOLVED_CONFIG_FILE), job.config.to_yaml())
+        build_trainer(job, callbacks).fit()
+    except Exception as err:
+        full = storage_full_error(err, job.storage, job.run_dir)
+        if full is None:
+            raise
+        raise full from None
     return summarize(job.run_dir)
+
+
+def storage_full_error(err: BaseException, storage_uri: str, target: str) -> StorageFullError | None:
+    """A clear ``StorageFullError`` when ``err`` comes from a full disk or quota while writing ``target``."""
+    if isinstance(err, StorageFullError):
+        return err
+    if not _is_storage_full(err):
+        return None
+    return StorageFullError(f"--storage {storage_uri}: no space left while writing {target} (free some space, "
+                            "then run the same command again to resume from the last checkpoint)")
+
+
+def _is_storage_full(err: BaseException) -> bool:
+    """Whether ``err`` (a Ray Train failure, possibly from a worker or the controller) is a full disk or quota.
+
+    Ray wraps a worker's ``OSError`` and rebuilds it in this process, so its text is checked as well as its errno.
+    """
+    seen: list[BaseException] = [err]
+    for cause in seen:
+        if isinstance(cause, OSError) and cause.errno in STORAGE_FULL_ERRNOS:
+            return True
+        if any(os.strerror(code) in str(cause) for code in STORAGE_FULL_ERRNOS):
+            return True
+        nested = [cause.__cause__, cause.__context__, getattr(cause, "controller_failure", None),
+                  *getattr(cause, "worker_failures", {}).values()]
+        seen.extend(e for e in nested if isinstance(e, BaseException) and e not in seen)
+    return False
 
 
 def summarize(run_dir: str) -> dict[str, Any]:
