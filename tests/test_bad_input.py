@@ -4,33 +4,40 @@ Each case runs a CLI (``launch/search.py``, ``prepare_data.py``, ``evaluate.py``
 subprocess and must: exit 2; print exactly one stderr line, ``error: ...``, that names the culprit (file,
 key or value); finish within seconds; start no Ray (the one case that needs the cluster aside); and leave
 its working folder exactly as it was (no partial output). The cases run two at a time to save wall time.
+
+Then the cases that need more: per-trial resources the cluster can never hold (a real local Ray; exit 2,
+nothing written), and storage on a real tmpfs that is full from the start (refused before Ray) or fills
+up during training (exit 4, the error line last; marked slow).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import torchvision
 from test_data_coco import coco_input
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIS = {name: ROOT / "launch" / f"{name}.py" for name in ("search", "train", "prepare_data", "evaluate", "predict")}
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE_FULL = 4
-MAX_SECONDS = 20  # a refused input costs the imports and the checks, nothing more
-MAX_SECONDS_WITH_RAY = 90  # starting a local Ray on a loaded 2-core machine takes a while, but never hangs
+# "Within seconds", measured as the CLI's own CPU time (imports and checks only; no training) so that a
+# machine loaded by other work cannot fail it; the wall-clock bounds only catch hangs.
+MAX_CPU_SECONDS = 20
+MAX_WALL_SECONDS = 60
+MAX_WALL_SECONDS_WITH_RAY = 120  # a local Ray starts in ~10 s, more on a loaded 2-core machine
 PARALLEL = 2
 SEARCH_OPTIONS = ("--storage", "{work}/runs", "--name", "bad", "--teacher-epochs", "1",
                   "optim.batch_size=8", "data.loader_workers=0")
@@ -45,7 +52,6 @@ class Case:
     args: tuple[str, ...]
     culprit: tuple[str, ...]  # words the error line must contain
     setup: Setup | None = None  # writes the case's own files into its (otherwise empty) working folder
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def search(*args: str, data: str = "{data}") -> tuple[str, ...]:
@@ -100,9 +106,6 @@ CASES: dict[str, Case] = {
     "space file: inverted range": Case(
         "search", search(*SPACE), ("{work}/space.yaml", "params.adv_weight", "inverted range"),
         write_file("space.yaml", "params: {adv_weight: {type: loguniform, low: 2, high: 1}}")),
-    "space file: unknown parameter": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "params.bogus", "unknown parameter"),
-        write_file("space.yaml", "params: {bogus: 1}")),
     "space file: levels the detector lacks": Case(
         "search", search(*SPACE), ("{work}/space.yaml", "params.levels", "'level9'"),
         write_file("space.yaml", "params: {levels: {type: categorical, choices: [all, [level0, level9]]}}")),
@@ -111,19 +114,17 @@ CASES: dict[str, Case] = {
     "missing data path": Case("search", search(data="{work}/no_such_dataset"), ("--data", "{work}/no_such_dataset")),
     "teacher/data class mismatch": Case(
         "search", search("--teacher", "{teacher}", data="{three_classes}"), ("--teacher", "5 classes", "has 3")),
-    "teacher: not a detector checkpoint": Case(
-        "search", search("--teacher", "{classifier}"), ("{classifier}", "not a gankd-ray model checkpoint")),
     "teacher: weights of another architecture": Case(
         "search", search("--teacher", "{mismatched}"), ("{mismatched}", "do not match backbone 'resnet18'")),
     "unknown backbone": Case("search", search("detector.backbone=nope_net"), ("detector.backbone", "nope_net")),
     "zero learning rate": Case("search", search("optim.lr=0"), ("optim.lr=0",)),
-    "negative learning rate": Case("search", search("optim.lr=-0.001"), ("optim.lr=-0.001",)),
+    "negative learning rate (config file)": Case(
+        "search", search("--config", "{work}/run.yaml"), ("optim.lr=-0.001",),
+        write_file("run.yaml", "optim: {lr: -0.001}\n")),
     "--resume of an unknown name": Case("search", search("--name", "nope", "--resume"), ("--resume", "'nope'")),
     "storage under a file": Case(
         "search", search("--storage", "{work}/afile/runs"), ("--storage", "{work}/afile is not a folder"),
         write_file("afile", "not a folder")),
-    "storage in /proc": Case(
-        "search", search("--storage", "/proc/gankd-ray-test/runs"), ("/proc/gankd-ray-test/runs", "not writable")),
     "corrupt image": Case(
         "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "img3.png", "corrupt"),
         bad_coco(truncate_image)),
@@ -133,9 +134,6 @@ CASES: dict[str, Case] = {
     "export missing student.ts (evaluate)": Case(
         "evaluate", ("--model", "{work}/model", "--data", "{data}"), ("{work}/model", "missing student.ts"),
         export_without("student.ts")),
-    "export missing student.pt (evaluate --torchscript)": Case(
-        "evaluate", ("--model", "{work}/model", "--data", "{data}", "--torchscript"),
-        ("{work}/model", "missing student.pt"), export_without("student.pt")),
     "export missing card.json (predict)": Case(
         "predict", ("--model", "{work}/model", "--images", "{image}", "--out", "{work}/predictions"),
         ("{work}/model", "missing card.json"), export_without("card.json")),
@@ -163,8 +161,6 @@ def inputs(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     mismatched_payload = model_payload(detector, cfg)
     mismatched_payload["config"]["detector"]["backbone"] = "resnet18"
     mismatched = save_torch(mismatched_payload, root / "mismatched.pt")
-    classifier = root / "classifier.pt"
-    torch.save(torchvision.models.mobilenet_v2(width_mult=0.35).state_dict(), classifier)  # an ImageNet-style file
     three_classes = root / "three_classes"
     shutil.copytree(synthetic_data, three_classes)
     info = json.loads((three_classes / "dataset.json").read_text())
@@ -173,8 +169,7 @@ def inputs(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     export = export_model(teacher, root / "export", {"trial_id": "t1"})
     image = next((Path(synthetic_data) / "images" / "test").iterdir())
     return {"data": synthetic_data, "teacher": str(teacher), "mismatched": str(mismatched),
-            "classifier": str(classifier), "three_classes": str(three_classes), "export": str(export),
-            "image": str(image)}
+            "three_classes": str(three_classes), "export": str(export), "image": str(image)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +177,15 @@ def inputs(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 @dataclass
-class Outcome:
+class Run:
     proc: subprocess.CompletedProcess
-    seconds: float
+    wall_seconds: float
+    cpu_seconds: float  # the CLI's own user + system time
+
+
+@dataclass
+class Outcome:
+    run: Run
     work: Path
     before: dict[str, bytes]
     values: dict[str, str]
@@ -195,14 +196,25 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"") for p in sorted(folder.rglob("*"))}
 
 
-def run_cli(cli: str, args: list[str], cwd: Path, env: dict[str, str] | None = None,
-            timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    import os
-
+def run_cli(cli: str, args: list[str], cwd: Path, timeout: float = 120) -> Run:
+    """Run ``launch/<cli>.py`` to the end (killed after ``timeout`` s); reaps it with ``wait4`` for its CPU time."""
+    command = [sys.executable, str(CLIS[cli]), *args]
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(CLIS[cli]), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-    return proc, time.monotonic() - started
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        with ThreadPoolExecutor(max_workers=2) as readers:
+            stdout, stderr = readers.submit(proc.stdout.read), readers.submit(proc.stderr.read)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            done = subprocess.CompletedProcess(command, proc.returncode, stdout.result(), stderr.result())
+    finally:
+        killer.cancel()
+        proc.stdout.close()
+        proc.stderr.close()
+    return Run(done, time.monotonic() - started, usage.ru_utime + usage.ru_stime)
 
 
 def start_case(case: Case, work: Path, inputs: dict[str, str]) -> Callable[[], Outcome]:
@@ -214,8 +226,7 @@ def start_case(case: Case, work: Path, inputs: dict[str, str]) -> Callable[[], O
     before = snapshot(work)
 
     def run() -> Outcome:
-        proc, seconds = run_cli(case.cli, [a.format(**values) for a in case.args], work, case.env)
-        return Outcome(proc, seconds, work, before, values)
+        return Outcome(run_cli(case.cli, [a.format(**values) for a in case.args], work), work, before, values)
 
     return run
 
@@ -249,12 +260,17 @@ def assert_no_ray(proc: subprocess.CompletedProcess) -> None:
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
+def assert_quick(run: Run, max_wall: float = MAX_WALL_SECONDS) -> None:
+    assert run.cpu_seconds < MAX_CPU_SECONDS, f"used {run.cpu_seconds:.1f} s of CPU: must be refused before any work"
+    assert run.wall_seconds < max_wall, f"took {run.wall_seconds:.1f} s"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_fast_with_one_line_and_no_output(case: str, outcomes: dict[str, Future]) -> None:
     outcome: Outcome = outcomes[case].result(timeout=600)
-    assert_refused(outcome.proc, [word.format(**outcome.values) for word in CASES[case].culprit])
-    assert outcome.seconds < MAX_SECONDS, f"took {outcome.seconds:.1f} s: must be refused before any work starts"
-    assert_no_ray(outcome.proc)
+    assert_refused(outcome.run.proc, [word.format(**outcome.values) for word in CASES[case].culprit])
+    assert_quick(outcome.run)
+    assert_no_ray(outcome.run.proc)
     assert snapshot(outcome.work) == outcome.before, "the refused command left files behind"
 
 
@@ -264,11 +280,11 @@ def test_bad_input_is_refused_fast_with_one_line_and_no_output(case: str, outcom
 
 def test_resources_the_cluster_can_never_hold_exit_2_without_writing(synthetic_data: str, tmp_path: Path) -> None:
     """A trial that can never be placed must not wait forever for resources: exit 2 once Ray reports its size."""
-    proc, seconds = run_cli("search", [a.format(data=synthetic_data, work=tmp_path) for a in search()]
-                            + ["--cpus-per-worker", "1000"], tmp_path, timeout=300)
-    line = assert_refused(proc, ["--cpus-per-worker", "one trial needs 1000 CPU"])
+    args = [a.format(data=synthetic_data, work=tmp_path) for a in search()] + ["--cpus-per-worker", "1000"]
+    run = run_cli("search", args, tmp_path, timeout=300)
+    line = assert_refused(run.proc, ["--cpus-per-worker", "one trial needs 1000 CPU"])
     assert "the cluster has" in line
-    assert seconds < MAX_SECONDS_WITH_RAY, f"took {seconds:.1f} s"
+    assert_quick(run, MAX_WALL_SECONDS_WITH_RAY)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "search.json or run folders written before the check"
 
 
@@ -308,10 +324,10 @@ def test_full_storage_is_refused_before_ray(synthetic_data: str, tmpfs, tmp_path
     fill(full / "filler")
     before = snapshot(full)
     args = [a.format(data=synthetic_data, work=tmp_path) for a in search("--storage", str(full / "runs"))]
-    proc, seconds = run_cli("search", args, tmp_path)
-    assert_refused(proc, ["--storage", str(full), "No space left on device"])
-    assert seconds < MAX_SECONDS
-    assert_no_ray(proc)
+    run = run_cli("search", args, tmp_path)
+    assert_refused(run.proc, ["--storage", str(full), "No space left on device"])
+    assert_quick(run)
+    assert_no_ray(run.proc)
     assert snapshot(full) == before
 
 
@@ -323,7 +339,7 @@ def test_storage_filling_up_during_training_ends_with_a_clear_error(synthetic_da
     args = ["--role", "student", "--data", synthetic_data, "--epochs", "1", "--workers", "1", "--max-failures", "0",
             "--storage", str(small / "runs"), "--name", "full", "detector.backbone=mobilenet_v2_0.35",
             "optim.batch_size=8", "data.loader_workers=0"]
-    proc, _ = run_cli("train", args, tmp_path, timeout=600)
+    proc = run_cli("train", args, tmp_path, timeout=600).proc
     assert proc.returncode == EXIT_STORAGE_FULL, (proc.returncode, proc.stderr[-3000:])
     last = proc.stderr.strip().splitlines()[-1]  # after Ray's forwarded worker tracebacks
     assert last.startswith(f"error: --storage {small / 'runs'}: no space left while writing"), proc.stderr[-3000:]
