@@ -220,7 +220,7 @@ def real_dataset(tmp_path_factory) -> tuple[Path, Path]:
     if done.returncode != 0 and "pip download" in done.stderr:
         pytest.skip(f"no package index reachable: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"prepared neon-trees at {root / 'data'}: 1 classes;")
+    assert done.stdout.splitlines()[-1].startswith(f"prepared neon-trees at {root / 'data'}: 1 classes;")
     return root / "data", root / "cache"
 
 

@@ -116,5 +116,5 @@ def test_the_cli_writes_what_the_library_writes(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"prepared synthetic at {tmp_path / 'cli'}: 5 classes; train 4 images")
+    assert done.stdout.splitlines()[-1].startswith(f"prepared synthetic at {tmp_path / 'cli'}: 5 classes; train 4 images")
     assert _data_files(tmp_path / "cli") == _data_files(library)

@@ -72,7 +72,7 @@ def test_voc_folder_converts_to_the_right_boxes_and_classes(tmp_path: Path) -> N
         "voc", "--voc-root", str(voc), "--out", str(out), "--val-fraction", "0.25", "--test-fraction", "0.25"
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"prepared voc at {out}") and done.stdout.count("\n") == 1
+    assert done.stdout.splitlines()[-1].startswith(f"prepared voc at {out}") and done.stdout.count("prepared voc") == 1
 
     info = read_dataset_info(str(out))
     assert info["classes"] == ["cat", "dog"]
