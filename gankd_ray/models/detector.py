@@ -17,8 +17,8 @@ level3   64      0.51         0.59                          2, 1/2, 3, 1/3
 level4   128     0.69         0.77                          2, 1/2
 =======  ======  ===========  ============================  ==========================
 
-Why: the synthetic objects are 14-70 px at S = 160 (0.09-0.44 of the side), NEON tree crowns about
-0.07-0.10. The stride-8 level's squares (11 and 16 px at 160) sit at 1.4-2 cells, small enough for the
+Why: the synthetic objects are 14-70 px at S = 160 in its hard mix (0.09-0.44 of the side; 32-72 px
+by default), NEON tree crowns about 0.07-0.10. The stride-8 level's squares (11 and 16 px at 160) sit at 1.4-2 cells, small enough for the
 smallest objects yet matched by IoU >= 0.5 to 14-20 px boxes; each coarser level roughly doubles the
 scale, following SSD300's 0.07/0.15/0.33/0.51/0.69/0.87 progression. Only four anchors per cell on
 level0 (the largest grid) keep the anchor count and head cost low: 2420 anchors at S = 160. Anchor

@@ -1,0 +1,221 @@
+"""Train one configuration in a plain process (no Ray) and report loss / val mAP / AP50 per epoch.
+
+What the Ray loop (``gankd_ray/train/loop.py``) does per epoch, in-process, with its own
+``train_one_epoch`` and ``evaluate``: used to calibrate what a few CPU minutes can learn (teacher vs
+student, learning rate, warm-up, batch, epochs, dataset difficulty) before a search spends them.
+
+Data: ``--data DIR`` (a prepared dataset), or ``--synthetic key=value ...`` (``SyntheticSpec``
+fields, e.g. ``num_train=256 max_objects=4``): that set is generated once into ``--cache`` and reused.
+``--train-limit N`` trains on the first N train images only, and ``--eval-on train`` scores those same
+images (the overfit check: loss must fall and train mAP rise when the pipeline is sound).
+
+Per epoch it prints the mean training loss terms, wall and CPU seconds (the main process's CPU time
+does not move with the machine's other load; wall time does), and val mAP / AP50 / AP small / medium.
+Writes (merges) ``bench/results/calibrate.json``: ``{"machine", "notes", "runs": {label: {config,
+synthetic_spec, epochs: [...], final, train_s, cpu_s}}}``; a run of the same ``--label`` replaces the
+older one.
+
+Usage (the recommended teacher and student on the demo's 256/64/64 set)::
+
+    python launch/prepare_weights.py --out weights
+    python bench/calibrate.py --label teacher --synthetic num_train=256 num_val=64 num_test=64 \\
+        --set role=teacher detector.backbone=mobilenet_v2 detector.weights=weights/mobilenet_v2-imagenet.pth \\
+        optim.epochs=4 optim.batch_size=8
+    python bench/calibrate.py --label student --synthetic num_train=256 num_val=64 num_test=64 \\
+        --set role=student detector.backbone=mobilenet_v3_small optim.epochs=8 optim.batch_size=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gankd_ray.config import ConfigError, RunConfig, parse_overrides
+from gankd_ray.data.loader import DetectionBatchLoader
+from gankd_ray.data.reader import read_dataset_info, read_split
+from gankd_ray.data.sources.synthetic import SyntheticSpec
+from gankd_ray.train.loop import WorkerContext, evaluate, seed_everything, train_one_epoch
+from gankd_ray.utils import atomic_write_json, machine_description
+
+RESULTS = Path(__file__).resolve().parent / "results" / "calibrate.json"
+DEFAULT_CACHE = Path("/tmp/gankd_calibrate")
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", required=True, help="name of this run in the results file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="prepared dataset folder")
+    source.add_argument("--synthetic", nargs="*", metavar="KEY=VALUE", help="SyntheticSpec fields")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where --synthetic sets are kept")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: what a search trial gets)")
+    parser.add_argument("--loader-workers", type=int, default=1, help="background decoding processes")
+    parser.add_argument("--train-limit", type=int, default=0, help="train on the first N images only (0 = all)")
+    parser.add_argument("--eval-on", choices=("val", "train"), default="val", help="split scored each epoch")
+    parser.add_argument("--eval-every", type=int, default=1, help="score every K-th epoch (and the last)")
+    parser.add_argument("--save", type=Path, help="write the trained detector checkpoint (model.pt) here")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def synthetic_spec(fields: list[str]) -> SyntheticSpec:
+    """``SyntheticSpec`` with these ``key=value`` fields; the rest keep the generator's defaults."""
+    values = parse_overrides(fields)
+    known = {f.name for f in dataclasses.fields(SyntheticSpec)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"--synthetic {unknown[0]}: unknown field; choose from {', '.join(sorted(known))}")
+    from gankd_ray.data.sources.synthetic import check_spec
+
+    spec = SyntheticSpec(**values)
+    check_spec(spec)  # before anything is generated
+    return spec
+
+
+def synthetic_dataset(spec: SyntheticSpec, cache: Path) -> str:
+    """Generate (once) the synthetic set of ``spec`` under ``cache``; returns its folder."""
+    from gankd_ray.data.records import Rejections
+    from gankd_ray.data.sources.synthetic import synthetic_source_data
+    from gankd_ray.data.writer import write_dataset
+
+    from gankd_ray.data.sources.synthetic import GENERATOR_VERSION
+
+    params = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(spec)}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache / f"synthetic-{key}"
+    if not (out / "dataset.json").exists():
+        print(f"[calibrate] generating {spec} into {out}", flush=True)
+        write_dataset(out, synthetic_source_data(spec), Rejections(), overwrite=True, log=lambda _: None)
+    return str(out)
+
+
+def resolve_config(data: str, overrides: list[str]) -> RunConfig:
+    cfg = RunConfig().with_overrides(["role=teacher", *overrides])
+    cfg.data.path = data
+    if cfg.role == "gankd":
+        raise ConfigError("role=gankd: calibrate trains plain teacher/student detectors only")
+    if cfg.detector.num_classes == 0:
+        cfg.detector.num_classes = len(read_dataset_info(data)["classes"])
+    cfg.validate()
+    return cfg
+
+
+def build_loaders(cfg: RunConfig, args: argparse.Namespace):
+    """Train loader (optionally a prefix of the split) and the scored loader with its ground truth."""
+    from gankd_ray.eval import coco_from_dict, load_coco
+
+    size, batch, data = cfg.detector.image_size, cfg.optim.batch_size, cfg.data
+    rows = read_split(data.path, data.train_split)
+    if args.train_limit:
+        rows = rows[: args.train_limit]
+    train = DetectionBatchLoader(
+        rows, size, batch, train=True, seed=cfg.seed, hflip=data.hflip, jitter=data.jitter,
+        num_workers=args.loader_workers,
+    )
+    if args.eval_on == "train":
+        ids = {int(row["image_id"]) for row in rows}
+        scored = DetectionBatchLoader(rows, size, batch, train=False, num_workers=0)
+        full = load_coco(data.path, data.train_split).dataset
+        subset = {**full, "images": [i for i in full["images"] if i["id"] in ids],
+                  "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}
+        return train, scored, coco_from_dict(subset)
+    scored = DetectionBatchLoader.from_dataset(
+        data.path, data.val_split, size, batch, train=False, seed=cfg.seed, num_workers=args.loader_workers
+    )
+    return train, scored, load_coco(data.path, data.val_split)
+
+
+def train(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Every epoch: ``train_one_epoch`` then (every ``--eval-every``) ``evaluate``, as the Ray loop does."""
+    from gankd_ray.distill import Diverged, build_step
+
+    ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
+    seed_everything(cfg.seed)
+    step = build_step(cfg, device=ctx.device)
+    train_loader, scored_loader, coco_gt = build_loaders(cfg, args)
+    # Wall time is what a run costs but moves with the machine's other load; the main process's CPU
+    # time (all torch threads; decoding workers excluded) is the load-independent measure.
+    epochs, train_s, cpu_s, status = [], 0.0, 0.0, "completed"
+    for epoch in range(1, cfg.optim.epochs + 1):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            metrics, _ = train_one_epoch(step, train_loader, epoch)
+        except Diverged as err:
+            print(f"[calibrate] diverged in epoch {epoch}: {err}", flush=True)
+            status = "diverged"
+            break
+        epoch_s = time.perf_counter() - started
+        train_s += epoch_s
+        cpu_s += time.process_time() - cpu_started
+        row = {"epoch": epoch, "epoch_s": round(epoch_s, 2), "train_s": round(train_s, 2), "cpu_s": round(cpu_s, 1),
+               "loss": metrics["loss/total"], "cls": metrics["det/classification"],
+               "box": metrics["det/bbox_regression"], "lr": metrics["lr"]}
+        if epoch % args.eval_every == 0 or epoch == cfg.optim.epochs:
+            started = time.perf_counter()
+            quality = evaluate(step.predict, scored_loader, coco_gt, ctx)
+            row.update({key: quality[key] for key in ("map", "ap50", "ap_small", "ap_medium")},
+                       eval_s=round(time.perf_counter() - started, 2))
+        epochs.append(row)
+        print(_epoch_line(row), flush=True)
+    if args.save:
+        from gankd_ray.train import checkpoint as ckpt
+
+        ckpt.save_torch(ckpt.model_payload(step.export_detector(), cfg), args.save)
+    scored = [row for row in epochs if "map" in row]
+    return {"status": status, "train_s": round(train_s, 2), "cpu_s": round(cpu_s, 1), "epochs": epochs,
+            "final": scored[-1] if scored else {}, "best_ap50": max((r["ap50"] for r in scored), default=0.0)}
+
+
+def _epoch_line(row: dict[str, Any]) -> str:
+    line = (f"epoch {row['epoch']:3d}  loss {row['loss']:.3f} (cls {row['cls']:.3f} box {row['box']:.3f})  "
+            f"lr {row['lr']:.2e}  {row['epoch_s']:.1f}s (total {row['train_s']:.1f}s, cpu {row['cpu_s']:.0f}s)")
+    if "map" in row:
+        line += (f"  mAP {row['map']:.3f}  AP50 {row['ap50']:.3f} (small {row['ap_small']:.3f} "
+                 f"medium {row['ap_medium']:.3f})  eval {row['eval_s']:.1f}s")
+    return line
+
+
+def save_result(path: Path, label: str, entry: dict[str, Any]) -> None:
+    """Merge ``entry`` under ``label`` into the results file (written atomically)."""
+    results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    results["machine"] = machine_description()
+    results["runs"][label] = entry
+    atomic_write_json(path, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        spec = None if args.data else synthetic_spec(args.synthetic)
+        data = args.data if args.data else synthetic_dataset(spec, args.cache)
+        cfg = resolve_config(data, args.set)
+    except (ConfigError, TypeError, ValueError) as err:
+        print(f"calibrate: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"[calibrate] {args.label}: {' '.join(args.set)} on {data}", flush=True)
+    result = train(cfg, args)
+    entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "data": data,
+             "synthetic": args.synthetic, "synthetic_spec": dataclasses.asdict(spec) if spec else None,
+             "overrides": args.set, "threads": args.threads,
+             "train_limit": args.train_limit, "eval_on": args.eval_on, "config": cfg.to_dict(), **result}
+    save_result(args.out, args.label, entry)
+    final = result["final"]
+    print(f"[calibrate] {args.label}: train {result['train_s']:.0f}s  "
+          f"mAP {final.get('map', float('nan')):.3f}  AP50 {final.get('ap50', float('nan')):.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
