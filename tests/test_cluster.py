@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from gankd_ray.train.run import read_trials_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 FAST = ["optim.batch_size=8", "data.loader_workers=0", "detector.backbone=mobilenet_v2_0.35"]
@@ -65,13 +67,6 @@ def two_node_cluster(tmp_path_factory):
         log.close()
 
 
-def _records(trials_dir: Path) -> dict[str, list[dict]]:
-    logs = {}
-    for path in trials_dir.glob("*/metrics.jsonl"):
-        logs[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return logs
-
-
 def _brief(logs: dict[str, list[dict]]) -> dict[str, list[tuple]]:
     return {t: [(r["epoch"], r["node"], r["status"]) for r in records] for t, records in logs.items()}
 
@@ -80,11 +75,11 @@ def _wait_for_trial_mid_run_on(job: subprocess.Popen, trials_dir: Path, node: st
     """Until a trial on ``node`` has reported an epoch and has more to run."""
     deadline = time.time() + timeout
     while time.time() < deadline and job.poll() is None:
-        logs = _records(trials_dir)
+        logs = read_trials_metrics(trials_dir)
         if any(r and r[-1]["node"] == node and r[-1]["status"] == "running" for r in logs.values()):
             return
         time.sleep(0.3)
-    raise AssertionError(f"no trial mid-run on {node}: job {job.poll()}, {_brief(_records(trials_dir))}")
+    raise AssertionError(f"no trial mid-run on {node}: job {job.poll()}, {_brief(read_trials_metrics(trials_dir))}")
 
 
 def test_search_job_spreads_over_nodes_and_survives_losing_one(two_node_cluster, synthetic_data,
@@ -103,7 +98,7 @@ def test_search_job_spreads_over_nodes_and_survives_losing_one(two_node_cluster,
     assert job.returncode == 0 and "succeeded" in output, output[-3000:]
     trials = pd.read_parquet(storage / "cluster" / "trials.parquet")
     assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status", "error"]]
-    logs = _records(storage / "cluster" / "trials")
+    logs = read_trials_metrics(storage / "cluster" / "trials")
     # The trial running on the lost node finished on the head, every epoch reported once.
     for trial_id, records in logs.items():
         assert [r["epoch"] for r in records] == [1, 2, 3], _brief(logs)

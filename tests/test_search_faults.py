@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
+
+from gankd_ray.train.run import read_trials_metrics
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, unt
     space.write_text(FAULTY_SPACE)
     proc = search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "faults",
                   "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "4",
-                  "--max-epochs", "2", "--seed", "4", *FAST)
+                  "--max-epochs", "2", "--seed", "4", "--scheduler", "fifo", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "runs" / "faults" / "trials.parquet")
     summary = trials[["trial_id", "status", "adv_weight", "batch_size", "best_map", "error"]]
@@ -50,7 +51,9 @@ def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, unt
     assert (raising["status"] == "error").all(), summary
     assert raising["error"].str.contains("optim.batch_size=4096").all(), summary
     assert (diverging["status"] == "diverged").all() and diverging["best_map"].isna().all(), summary
-    assert healthy["status"].isin(["completed", "stopped_early"]).all() and healthy["error"].isna().all(), summary
+    # FIFO (no early stopping; the same seeded sampler as ASHA): every healthy trial runs all its epochs.
+    assert (healthy["status"] == "completed").all() and healthy["error"].isna().all(), summary
+    assert (trials.loc[healthy.index, "epochs"] == 2).all(), trials[["trial_id", "status", "epochs"]]
     # The searcher and ASHA saw a zero for the diverged trials, not their last finite weights' score.
     epochs = pd.read_parquet(tmp_path / "runs" / "faults" / "epochs.parquet")
     diverged_epochs = epochs[epochs["trial_id"].isin(diverging["trial_id"])]
@@ -61,20 +64,12 @@ def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, unt
     assert card["trial_id"] in set(healthy["trial_id"]), (card["trial_id"], summary)
 
 
-def _trial_logs(trials_dir: Path) -> dict[str, list[dict]]:
-    logs = {}
-    for path in trials_dir.glob("*/metrics.jsonl"):
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        logs[path.parent.name] = lines
-    return logs
-
-
 def _kill_when_one_trial_finished(proc: subprocess.Popen, trials_dir: Path, timeout: float) -> dict[str, str]:
     """SIGKILL the search's whole process group (driver and its local Ray) once a trial has finished while
     another is still running; returns the finished trials' metrics.jsonl texts as they were."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        logs = _trial_logs(trials_dir)
+        logs = read_trials_metrics(trials_dir)
         finished = [t for t, lines in logs.items() if lines and lines[-1]["status"] == "completed"]
         running = [t for t, lines in logs.items() if not lines or lines[-1]["status"] == "running"]
         if finished and running:

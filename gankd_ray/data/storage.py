@@ -6,23 +6,21 @@ Every worker of a cluster opens the same URI on shared storage, so nothing is co
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from gankd_ray import storage
 from gankd_ray.data.records import DatasetError
 
 
 def open_location(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, root path inside it)`` for a dataset URI or a local (possibly relative) path."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
-        filesystem, root = pafs.FileSystem.from_uri(uri)
+        filesystem, root = storage.resolve(uri)
     except (ValueError, OSError) as err:  # pyarrow.ArrowInvalid is a ValueError
         raise DatasetError(f"{uri}: cannot open dataset location: {err}") from None
-    return filesystem, root.rstrip("/")
+    return filesystem, root.rstrip("/") or "/"
 
 
 def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from gankd_ray.utils import plain_value
-
 import json
 import math
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from gankd_ray.train.run import InputError, TrainJob, resolve_job, run_training,
 from gankd_ray.tune import results as res
 from gankd_ray.tune.search import SearchJob
 from gankd_ray.tune.space import SpaceError, load_space
+from gankd_ray.utils import plain_value
 from gankd_ray.wheels import default_cache_dir
 
 DEFAULT_DATA = "data/synthetic"
@@ -211,24 +210,30 @@ def save_request(plan: SearchPlan, argv: list[str]) -> None:
     storage.write_text(path, json.dumps({"argv": argv, "cwd": str(Path.cwd())}, indent=2))
 
 
-def saved_request(storage_uri: str, name: str) -> list[str]:
-    """The argv an experiment was started with; ``InputError`` when there is no such experiment."""
+@dataclass(frozen=True)
+class SavedRequest:
+    """The command line a search was started with and the directory it was started in."""
+
+    argv: list[str]
+    cwd: str | None
+
+    def anchored(self, value: str | None) -> str | None:
+        """A path option made absolute against the directory the search started in."""
+        if value is None or "://" in value or Path(value).is_absolute() or not self.cwd:
+            return value
+        return str(Path(self.cwd, value))
+
+
+def saved_request(storage_uri: str, name: str) -> SavedRequest:
+    """What an experiment was started with; ``InputError`` when there is no such experiment."""
     path = storage.join(storage.normalize_uri(storage_uri), name, REQUEST_FILE)
     if not storage.exists(path):
         raise InputError(f"--resume: no experiment named {name!r} in {storage_uri} ({path} is missing)")
     try:
-        argv = json.loads(storage.read_text(path))["argv"]
-    except (ValueError, KeyError, TypeError):
+        saved = json.loads(storage.read_text(path))
+        argv, cwd = saved["argv"], saved.get("cwd")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise InputError(f"--resume: {path} is not a gankd-ray search request") from None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise InputError(f"--resume: {path}: 'argv' must be a list of strings")
-    return argv
-
-
-def saved_path(storage_uri: str, name: str, value: str | None) -> str | None:
-    """A path option of a saved request, made absolute against the directory the search started in."""
-    if value is None or "://" in value or Path(value).is_absolute():
-        return value
-    path = storage.join(storage.normalize_uri(storage_uri), name, REQUEST_FILE)
-    cwd = json.loads(storage.read_text(path)).get("cwd")
-    return str(Path(cwd, value)) if cwd else value
+    return SavedRequest(argv=argv, cwd=cwd if isinstance(cwd, str) else None)
