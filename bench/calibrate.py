@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--synthetic", nargs="*", metavar="KEY=VALUE", help="SyntheticSpec fields")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where --synthetic sets are kept")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
+    parser.add_argument("--teacher", help="teacher model.pt for role=gankd (GAN-KD diagnosis without Ray)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: what a search trial gets)")
     parser.add_argument("--loader-workers", type=int, default=1, help="background decoding processes")
     parser.add_argument("--train-limit", type=int, default=0, help="train on the first N images only (0 = all)")
@@ -100,11 +101,11 @@ def synthetic_dataset(spec: SyntheticSpec, cache: Path) -> str:
     return str(out)
 
 
-def resolve_config(data: str, overrides: list[str]) -> RunConfig:
+def resolve_config(data: str, overrides: list[str], teacher: str | None = None) -> RunConfig:
     cfg = RunConfig().with_overrides(["role=teacher", *overrides])
     cfg.data.path = data
-    if cfg.role == "gankd":
-        raise ConfigError("role=gankd: calibrate trains plain teacher/student detectors only")
+    if (cfg.role == "gankd") != bool(teacher):
+        raise ConfigError("role=gankd needs --teacher FILE, and --teacher needs role=gankd")
     if cfg.detector.num_classes == 0:
         cfg.detector.num_classes = len(read_dataset_info(data)["classes"])
     cfg.validate()
@@ -139,10 +140,12 @@ def build_loaders(cfg: RunConfig, args: argparse.Namespace):
 def train(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Every epoch: ``train_one_epoch`` then (every ``--eval-every``) ``evaluate``, as the Ray loop does."""
     from gankd_ray.distill import Diverged, build_step
+    from gankd_ray.train.checkpoint import load_detector
 
     ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
     seed_everything(cfg.seed)
-    step = build_step(cfg, device=ctx.device)
+    teacher = load_detector(args.teacher, ctx.device)[0] if args.teacher else None
+    step = build_step(cfg, teacher=teacher, device=ctx.device)
     train_loader, scored_loader, coco_gt = build_loaders(cfg, args)
     # Wall time is what a run costs but moves with the machine's other load; the main process's CPU
     # time (all torch threads; decoding workers excluded) is the load-independent measure.
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = None if args.data else synthetic_spec(args.synthetic)
         data = args.data if args.data else synthetic_dataset(spec, args.cache)
-        cfg = resolve_config(data, args.set)
+        cfg = resolve_config(data, args.set, args.teacher)
     except (ConfigError, TypeError, ValueError) as err:
         print(f"calibrate: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg, args)
     entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "data": data,
              "synthetic": args.synthetic, "synthetic_spec": dataclasses.asdict(spec) if spec else None,
-             "overrides": args.set, "threads": args.threads,
+             "overrides": args.set, "teacher": args.teacher, "threads": args.threads,
              "train_limit": args.train_limit, "eval_on": args.eval_on, "config": cfg.to_dict(), **result}
     save_result(args.out, args.label, entry)
     final = result["final"]

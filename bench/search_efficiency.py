@@ -5,7 +5,7 @@ trials consumed, the search's wall time (first trial start to last report; teach
 and the best val mAP. Goal (issue 6): ASHA within 1 mAP point of FIFO's best with <= 35% of its epochs.
 
 Usage:
-    python bench/search_efficiency.py [--teacher CKPT] [--num-samples 8] [--max-epochs 6] [-- extra search args]
+    python bench/search_efficiency.py [--teacher CKPT] [--num-samples 12] [--max-epochs 9] [-- extra search args]
 Without --teacher the ASHA search trains one (reused by the FIFO search). Writes
 ``bench/results/search_efficiency.json`` (``asha_epochs_over_fifo``, ``asha_best_minus_fifo_best`` in mAP
 points, per-scheduler figures, the machine and the date).
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", help="teacher checkpoint; default: the ASHA search trains one")
     parser.add_argument("--storage", type=Path, default=ROOT / "runs" / "bench")
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--max-epochs", type=int, default=6)
+    parser.add_argument("--num-samples", type=int, default=12)
+    parser.add_argument("--max-epochs", type=int, default=9, help="rungs at 1, 3, 9 with the default factor 3")
     parser.add_argument("--grace-period", type=int, default=1)
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

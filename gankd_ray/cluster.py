@@ -32,7 +32,7 @@ def init_ray(
     *,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
-    dashboard: bool = False,
+    dashboard: bool = True,
     dashboard_host: str = LOCAL_HOST,
     dashboard_port: int | None = None,
 ) -> str | None:
@@ -41,7 +41,10 @@ def init_ray(
     Args:
         address: None starts an embedded local Ray; ``auto`` or ``HOST:PORT`` joins a cluster.
         num_cpus / num_gpus: local instance only.
-        dashboard: local instance only; a cluster's dashboard is the head node's.
+        dashboard: local instance only; a cluster's dashboard is the head node's. Keep it on: it serves
+            the State API, which Ray Train's placement-group cleaner polls to free the CPUs of a run whose
+            controller died (every trial ASHA stops). Without it those CPUs stay reserved and later trials
+            wait for workers until Train's 300 s start-up timeout, again and again.
         dashboard_host: bind address of a local dashboard.
     """
     import ray

@@ -196,7 +196,9 @@ def test_cli_teacher_run(teacher_run):
 def local_ray(teacher_run):  # after the CLI run, so two Ray instances never train at once
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from gankd_ray.cluster import init_ray
+
+    init_ray(num_cpus=2)  # as the CLIs start it (with the dashboard Ray Train's placement-group cleaner needs)
     yield
     ray.shutdown()
 
@@ -251,16 +253,7 @@ def test_gankd_from_teacher_checkpoint_files(local_ray, teacher_run, synthetic_d
 
 
 def _train_workers() -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):  # only this test's Ray
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
+    return _processes("RayTrainWorker")
 
 
 def test_killed_worker_restarts_from_checkpoint(local_ray, synthetic_data, tmp_path):
@@ -294,3 +287,46 @@ def test_killed_worker_restarts_from_checkpoint(local_ray, synthetic_data, tmp_p
     assert records[0]["reported_at"] < killed_at
     assert records[1]["reported_at"] > killed_at, "epoch 2 was already done: the kill was not mid-run"
     assert victim.pid not in {p.pid for p in _train_workers()}
+
+
+def _processes(marker: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):  # only this test's Ray
+        try:
+            if marker in " ".join(proc.cmdline()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_a_run_whose_controller_dies_gives_its_cpus_back(local_ray, synthetic_data, tmp_path):
+    """What happens to every trial ASHA stops: Tune kills the trial's driver, so its Train controller dies
+    mid-run. Ray Train's placement-group cleaner must then free the workers' CPUs (it needs the State API,
+    i.e. the dashboard); when it could not, the next trials waited for workers until they timed out."""
+    import ray
+
+    job = _job("student", synthetic_data, tmp_path, "orphaned", 6, *TINY, "optim.batch_size=2")
+    earlier_controllers = {p.pid for p in _processes("TrainController")}  # ended runs' may linger
+    threading.Thread(target=lambda: _ignore_errors(run_training, job), daemon=True).start()
+    deadline = time.monotonic() + 240
+    while not [r for r in read_metrics(job.run_dir) if r.get("epoch") == 1]:
+        assert time.monotonic() < deadline, "no epoch reported"
+        time.sleep(0.05)
+    assert ray.available_resources().get("CPU", 0.0) == 0.0  # both CPUs are the run's workers'
+    controllers = [p for p in _processes("TrainController") if p.pid not in earlier_controllers]
+    assert len(controllers) == 1, controllers
+    controllers[0].kill()
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0.0) < 2.0:
+        assert time.monotonic() < deadline, f"CPUs still reserved: {ray.available_resources()}"
+        time.sleep(0.5)
+
+
+def _ignore_errors(fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001 - the run is meant to die with its controller
+        pass
