@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, default=8, help="epochs of a trial that ASHA never stops")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
                    help="asha stops weak trials early (default); fifo runs every trial to --max-epochs")
-    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--grace-period", type=int,
+                   help="epochs before ASHA's first cut (default: a quarter of --max-epochs; after one epoch "
+                        "from-scratch students all sit near mAP 0, and a cut there ranks noise)")
     p.add_argument("--reduction-factor", type=int, default=2)
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -56,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_samples = max(args.num_samples, 6)
         args.max_epochs, args.grace_period, args.reduction_factor = 3, 1, 2
         args.teacher_epochs = min(args.teacher_epochs, 3)
+    if args.grace_period is None:
+        args.grace_period = max(1, args.max_epochs // 4)
     return args
 
 
