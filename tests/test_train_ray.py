@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from gankd_ray.train.run import read_metrics, run_training, summarize
+from gankd_ray.tune.results import trial_row
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CLI = REPO / "launch" / "train.py"
@@ -77,6 +78,9 @@ def test_summary_picks_kept_checkpoint_and_prints_missing_metrics(tmp_path):
              {"epoch": 2, "map": 0.0, "ap50": 0.0, "checkpoint": "c2", "status": "completed"}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert summarize(str(tmp_path))["checkpoint"] == "c2"
+    # The search's trials table names the same kept checkpoint (the best trial is exported from it).
+    row = trial_row("t", {}, lines, None, max_epochs=2, keys=[])
+    assert row["best_checkpoint"] == "c2" and row["best_epoch"] == 2
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "map": None, "status": "diverged"}) + "\n")
     summary = summarize(str(tmp_path))
     assert summary["best_map"] is None and summary["status"] == "diverged"

@@ -274,15 +274,20 @@ def _is_storage_full(err: BaseException) -> bool:
     return False
 
 
+def best_record(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The epoch whose checkpoint Ray keeps (num_to_keep=1 by "map"): the highest mAP, ties to the later
+    epoch (a search whose trials all score 0 exported a deleted checkpoint when ties went to the first)."""
+    def rank(r: dict[str, Any]) -> tuple[float, int]:
+        return (r["map"] if isinstance(r.get("map"), (int, float)) else -1.0, r.get("epoch") or 0)
+
+    return max(records, key=rank, default=None)
+
+
 def summarize(run_dir: str) -> dict[str, Any]:
     records = read_metrics(run_dir)
     if not records:
         return {"status": "error", "run_dir": run_dir, "epochs_done": 0}
-    # Ties go to the later epoch: that is the checkpoint Ray keeps (num_to_keep=1 by "map").
-    def rank(r: dict[str, Any]) -> tuple[float, int]:
-        return (r["map"] if isinstance(r.get("map"), (int, float)) else -1.0, r.get("epoch") or 0)
-
-    best = max(records, key=rank)
+    best = best_record(records)
     return {
         "status": records[-1].get("status"),
         "best_map": best.get("map"),

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from gankd_ray import storage
-from gankd_ray.train.run import read_metrics
+from gankd_ray.train.run import best_record, read_metrics
 from gankd_ray.utils import atomic_write
 
 COMPLETED = "completed"
@@ -29,7 +29,7 @@ def trial_row(trial_id: str, params: dict[str, Any], records: list[dict[str, Any
     row: dict[str, Any] = {"trial_id": trial_id, "error": error}
     row["epochs"] = max((r.get("epoch", 0) for r in records), default=0)
     healthy = [r for r in records if r.get("status") != DIVERGED]
-    best = max(healthy, key=lambda r: r.get("map", -1.0), default=None)
+    best = best_record(healthy)
     row["best_map"] = best.get("map") if best else float("nan")
     row["best_ap50"] = best.get("ap50") if best else float("nan")
     row["best_epoch"] = best.get("epoch") if best else None
