@@ -43,6 +43,7 @@ from gankd_ray.config import ConfigError, RunConfig, parse_overrides
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.data.reader import read_dataset_info, read_split
 from gankd_ray.data.sources.synthetic import SyntheticSpec
+from gankd_ray.train.checkpoint import CheckpointError, load_detector
 from gankd_ray.train.loop import WorkerContext, evaluate, seed_everything, train_one_epoch
 from gankd_ray.utils import atomic_write_json, machine_description
 
@@ -87,10 +88,8 @@ def synthetic_spec(fields: list[str]) -> SyntheticSpec:
 def synthetic_dataset(spec: SyntheticSpec, cache: Path) -> str:
     """Generate (once) the synthetic set of ``spec`` under ``cache``; returns its folder."""
     from gankd_ray.data.records import Rejections
-    from gankd_ray.data.sources.synthetic import synthetic_source_data
+    from gankd_ray.data.sources.synthetic import GENERATOR_VERSION, synthetic_source_data
     from gankd_ray.data.writer import write_dataset
-
-    from gankd_ray.data.sources.synthetic import GENERATOR_VERSION
 
     params = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(spec)}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
@@ -137,14 +136,12 @@ def build_loaders(cfg: RunConfig, args: argparse.Namespace):
     return train, scored, load_coco(data.path, data.val_split)
 
 
-def train(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+def train(cfg: RunConfig, args: argparse.Namespace, teacher: torch.nn.Module | None) -> dict[str, Any]:
     """Every epoch: ``train_one_epoch`` then (every ``--eval-every``) ``evaluate``, as the Ray loop does."""
     from gankd_ray.distill import Diverged, build_step
-    from gankd_ray.train.checkpoint import load_detector
 
     ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
     seed_everything(cfg.seed)
-    teacher = load_detector(args.teacher, ctx.device)[0] if args.teacher else None
     step = build_step(cfg, teacher=teacher, device=ctx.device)
     train_loader, scored_loader, coco_gt = build_loaders(cfg, args)
     # Wall time is what a run costs but moves with the machine's other load; the main process's CPU
@@ -204,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = None if args.data else synthetic_spec(args.synthetic)
         data = args.data if args.data else synthetic_dataset(spec, args.cache)
         cfg = resolve_config(data, args.set, args.teacher)
-    except (ConfigError, TypeError, ValueError) as err:
+        teacher = load_detector(args.teacher, torch.device("cpu"))[0] if args.teacher else None
+    except (ConfigError, CheckpointError, TypeError, ValueError) as err:
         print(f"calibrate: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"[calibrate] {args.label}: {' '.join(args.set)} on {data}", flush=True)
-    result = train(cfg, args)
+    result = train(cfg, args, teacher)
     entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "data": data,
              "synthetic": args.synthetic, "synthetic_spec": dataclasses.asdict(spec) if spec else None,
              "overrides": args.set, "teacher": args.teacher, "threads": args.threads,

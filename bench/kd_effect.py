@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gankd_ray.config import RunConfig  # noqa: E402
+from gankd_ray.tune.search import default_grace_period  # noqa: E402
 from gankd_ray.utils import atomic_write_json, machine_description  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "kd_effect.json"
@@ -91,18 +92,12 @@ def search_best(data: str, teacher: str, storage: Path, args: argparse.Namespace
     command = [sys.executable, str(ROOT / "launch" / "search.py"), "--address", address, "--data", data,
                "--storage", str(storage), "--name", name, "--teacher", teacher, "--space", str(args.space),
                "--num-samples", str(args.search_samples), "--max-epochs", str(args.student_epochs),
-               "--grace-period", str(grace_period(args.student_epochs)),
+               "--grace-period", str(default_grace_period(args.student_epochs)),
                f"detector.backbone={args.student}", f"optim.batch_size={args.batch_size}",
                *DATASETS[dataset]["set"], *args.set]
     subprocess.run(command, check=True, cwd=ROOT)
     card = json.loads((storage / name / "best" / "card.json").read_text())
     return {k: v for k, v in card["hyperparameters"].items() if v is not None}
-
-
-def grace_period(epochs: int) -> int:
-    """ASHA's first rung at a quarter of the budget: distillation terms slow a student's first epochs, and a
-    1-epoch grace period stopped the configuration that won on synthetic data at epoch 2 on NEON."""
-    return max(1, epochs // 4)
 
 
 def student_config(base: RunConfig, role: str, params: dict[str, Any], seed: int, epochs: int) -> RunConfig:
@@ -153,7 +148,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[st
     result = {row: summarize_row(values) for row, values in rows.items()}
     result["searched_configuration"] = searched
     result["epochs"] = {"teacher": args.teacher_epochs, "student": args.student_epochs}
-    result["search_grace_period"] = grace_period(args.student_epochs)
+    result["search_grace_period"] = default_grace_period(args.student_epochs)
     result["goal_met"] = goal_met(result)
     return result
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gankd_ray.config import ConfigError  # noqa: E402
 from gankd_ray.train.run import InputError, storage_full_error  # noqa: E402
 from gankd_ray.tune import pipeline  # noqa: E402
+from gankd_ray.tune.search import default_grace_period  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE_FULL = 4
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_epochs, args.grace_period, args.reduction_factor = 3, 1, 2
         args.teacher_epochs = min(args.teacher_epochs, 3)
     if args.grace_period is None:
-        args.grace_period = max(1, args.max_epochs // 4)
+        args.grace_period = default_grace_period(args.max_epochs)
     return args
 
 

@@ -64,3 +64,10 @@ def write_untrained_teacher(data: str, path: Path, backbone: str = "mobilenet_v2
 def untrained_teacher(synthetic_data, tmp_path_factory) -> str:
     """Path of an untrained mobilenet_v2_0.5 teacher for ``synthetic_data`` (read-only, shared)."""
     return write_untrained_teacher(synthetic_data, tmp_path_factory.mktemp("teacher") / "model.pt")
+
+
+def read_trials_metrics(trials_dir: Path) -> dict[str, list[dict]]:
+    """Every run under ``trials_dir`` that has a metrics log: ``{run folder name: records}``."""
+    from gankd_ray.train.run import METRICS_FILE, read_metrics
+
+    return {path.parent.name: read_metrics(str(path.parent)) for path in sorted(trials_dir.glob(f"*/{METRICS_FILE}"))}

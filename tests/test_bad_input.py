@@ -118,6 +118,8 @@ CASES: dict[str, Case] = {
         "search", search("--teacher", "{mismatched}"), ("{mismatched}", "do not match backbone 'resnet18'")),
     "unknown backbone": Case("search", search("detector.backbone=nope_net"), ("detector.backbone", "nope_net")),
     "zero learning rate": Case("search", search("optim.lr=0"), ("optim.lr=0",)),
+    "grace period beyond the budget": Case(
+        "search", search("--max-epochs", "2", "--grace-period", "3"), ("--grace-period 3", "--max-epochs (2)")),
     "negative learning rate (config file)": Case(
         "search", search("--config", "{work}/run.yaml"), ("optim.lr=-0.001",),
         write_file("run.yaml", "optim: {lr: -0.001}\n")),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from gankd_ray.train.run import read_trials_metrics
+from conftest import read_trials_metrics
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from ray.train.v2.api.callback import UserCallback
@@ -224,11 +223,6 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     if not storage.exists(path):
         return []
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-
-
-def read_trials_metrics(trials_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """Every run under a local ``trials_dir`` that has a metrics log: ``{run folder name: records}``."""
-    return {path.parent.name: read_metrics(str(path.parent)) for path in sorted(Path(trials_dir).glob(f"*/{METRICS_FILE}"))}
 
 
 def run_training(job: TrainJob, callbacks: Sequence[Any] = ()) -> dict[str, Any]:

@@ -49,6 +49,8 @@ def plan_search(args) -> SearchPlan:
         args.teacher = storage.normalize_uri(args.teacher)
     base.data.path = args.data
     base.optim.epochs = args.max_epochs
+    if not 1 <= args.grace_period <= args.max_epochs:
+        raise InputError(f"--grace-period {args.grace_period}: must be between 1 and --max-epochs ({args.max_epochs})")
     from gankd_ray.models import level_names_for
 
     try:
