@@ -15,7 +15,7 @@ LOCAL_HOST = "127.0.0.1"
 
 # Ray Train polls its workers every 2 s and watches for preemption every 5 s; both delays land on every
 # run's start and end. Short searches pay them per trial, so poll faster and skip the preemption
-# watcher (spot preemption is handled by FailureConfig restarts anyway). Users may override them.
+# watcher (spot preemption is handled by FailureConfig restarts anyway). Users may override them all.
 TRAIN_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -24,6 +24,10 @@ TRAIN_ENV_DEFAULTS = {
     # Ray Train routes worker print() through its logger, which defeats redirect_stdout around
     # pycocotools chatter; plain prints still reach the driver.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray Train's Prometheus metrics callbacks (controller state, report timings; Grafana only, the dashboard's
+    # job/actor views and our metrics.jsonl do not use them) cost ~1.4 s of every trial's start-up on 2 cores
+    # (bench/trial_startup.py). Set it to 1 to get them back.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 
 

@@ -256,6 +256,18 @@ def test_gankd_from_teacher_checkpoint_files(local_ray, teacher_run, synthetic_d
     assert any(key.startswith("disc/") for key in records[-1]), sorted(records[-1])
 
 
+def test_a_run_starts_no_ray_data_actor(local_ray, synthetic_data, tmp_path):
+    """Ray Train V2 starts a DatasetManager process for every run, Ray Datasets or not; GankdTorchTrainer
+    drops it (~3 s of each trial's start-up on 2 cores). Fails when a Ray upgrade moves the private hook."""
+    from ray.util.state import list_actors
+
+    summary = run_training(_job("student", synthetic_data, tmp_path, "lean", 1, *TINY))
+    assert summary["status"] == "completed"
+    started = [actor.class_name for actor in list_actors(limit=10_000)]  # dead ones included
+    assert "TrainController" in started and "RayTrainWorker" in started
+    assert "DatasetManager" not in started
+
+
 def _train_workers() -> list:
     return _processes("RayTrainWorker")
 

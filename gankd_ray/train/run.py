@@ -146,15 +146,16 @@ def _check_levels(cfg: RunConfig) -> None:
 def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
     """A TorchTrainer for ``job``; reusing (storage, name) resumes that run from its latest checkpoint."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from gankd_ray.train.loop import train_loop_per_worker
+    from gankd_ray.train.trainer import GankdTorchTrainer
 
     use_gpu = job.gpus_per_worker > 0
     resources = {"CPU": job.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = job.gpus_per_worker
-    return TorchTrainer(
+    return GankdTorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.loop_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
