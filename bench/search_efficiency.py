@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import heapq
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +33,23 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gankd_ray.tune.search import default_grace_period  # noqa: E402
 from gankd_ray.utils import atomic_write_json, machine_description  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "search_efficiency.json"
 
 
+def experiment_name(scheduler: str, args: argparse.Namespace) -> str:
+    """FIFO depends only on the budget; ASHA also on its rungs. A rerun replaces its own earlier experiment."""
+    name = f"efficiency-{scheduler}-{args.max_epochs}ep"
+    return name if scheduler == "fifo" else f"{name}-g{args.grace_period}-rf{args.reduction_factor}"
+
+
 def run(scheduler: str, args: argparse.Namespace, teacher: str | None) -> Path:
-    name = f"efficiency-{scheduler}"
+    name = experiment_name(scheduler, args)
+    if (args.storage / name).exists():
+        print(f"[bench] replacing {args.storage / name}", flush=True)
+        shutil.rmtree(args.storage / name)
     command = [sys.executable, str(ROOT / "launch" / "search.py"), "--storage", str(args.storage), "--name", name,
                "--scheduler", scheduler, "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
                "--grace-period", str(args.grace_period), "--reduction-factor", str(args.reduction_factor),
@@ -125,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", help="teacher checkpoint; default: the ASHA search trains one")
     parser.add_argument("--storage", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--num-samples", type=int, default=12)
-    parser.add_argument("--max-epochs", type=int, default=9, help="rungs at 1, 3, 9 with the default factor 3")
-    parser.add_argument("--grace-period", type=int, default=1)
-    parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--max-epochs", type=int, default=9)
+    parser.add_argument("--grace-period", type=int, help="default: launch/search.py's (a quarter of --max-epochs)")
+    parser.add_argument("--reduction-factor", type=int, default=2, help="default: launch/search.py's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once in the replay (as in the runs)")
     parser.add_argument("--replay-only", action="store_true",
@@ -135,34 +146,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("search_args", nargs="*", help="extra launch/search.py arguments (after --)")
     args = parser.parse_args(argv)
+    if args.grace_period is None:
+        args.grace_period = default_grace_period(args.max_epochs)
 
     if args.replay_only:
-        result = json.loads(args.out.read_text())
-        result["replay"] = replay_grid(args.storage / "efficiency-fifo", args.concurrency)
-        atomic_write_json(args.out, result)
-        print_replay(result["replay"])
+        entry = load_runs(args.out)[run_key(vars(args))]
+        entry["replay"] = replay_grid(args.storage / experiment_name("fifo", args), args.concurrency)
+        write_result(args.out, entry)
+        print_replay(entry["replay"])
         return 0
     asha_dir = run("asha", args, args.teacher)
-    teacher = args.teacher or str(args.storage / "efficiency-asha-teacher" / "best" / "model.pt")
+    teacher = args.teacher or str(asha_dir.parent / f"{asha_dir.name}-teacher" / "best" / "model.pt")
     fifo_dir = run("fifo", args, teacher)
     asha, fifo = figures(asha_dir), figures(fifo_dir)
-    result = {
-        "benchmark": "search_efficiency", "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_description(), "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                     for k, v in vars(args).items()},
+    entry = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "asha": asha, "fifo": fifo,
         "asha_epochs_over_fifo": asha["epochs_consumed"] / fifo["epochs_consumed"],
         "asha_wall_over_fifo": asha["wall_s"] / fifo["wall_s"],
         "asha_best_minus_fifo_best": 100.0 * (asha["best_map"] - fifo["best_map"]),  # mAP points
         "replay": replay_grid(fifo_dir, args.concurrency),
     }
-    result["goal_met"] = result["asha_epochs_over_fifo"] <= 0.35 and result["asha_best_minus_fifo_best"] >= -1.0
-    atomic_write_json(args.out, result)
+    entry["goal_met"] = entry["asha_epochs_over_fifo"] <= 0.35 and entry["asha_best_minus_fifo_best"] >= -1.0
+    write_result(args.out, entry)
     for key in ("asha_epochs_over_fifo", "asha_wall_over_fifo", "asha_best_minus_fifo_best"):
-        print(f"{key:>26}: {result[key]:.3f}")
-    print_replay(result["replay"])
+        print(f"{key:>26}: {entry[key]:.3f}")
+    print_replay(entry["replay"])
     print(f"[bench] wrote {args.out}")
     return 0
+
+
+def run_key(settings: dict) -> str:
+    return f"{settings['max_epochs']}ep-g{settings['grace_period']}-rf{settings['reduction_factor']}"
+
+
+def load_runs(path: Path) -> dict[str, dict]:
+    """Earlier runs kept in the results file, by budget and rungs (a file from before ``runs`` is one run)."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if "runs" in saved:
+        return saved["runs"]
+    entry = {k: v for k, v in saved.items() if k not in ("benchmark", "machine")}
+    return {run_key(entry["settings"]): entry}
+
+
+def write_result(path: Path, entry: dict) -> None:
+    """This run's figures at the top (the issue's keys), every run so far under ``runs``."""
+    runs = {**load_runs(path), run_key(entry["settings"]): entry}
+    atomic_write_json(path, {"benchmark": "search_efficiency", "machine": machine_description(), **entry,
+                             "runs": runs})
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ TRAIN_ENV_DEFAULTS = {
     # Ray Train routes worker print() through its logger, which defeats redirect_stdout around
     # pycocotools chatter; plain prints still reach the driver.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # Ray Train's Prometheus metrics callbacks (controller state, report timings; Grafana only, the dashboard's
-    # job/actor views and our metrics.jsonl do not use them) cost ~1.4 s of every trial's start-up on 2 cores
-    # (bench/trial_startup.py). Set it to 1 to get them back.
+    # Ray Train's Prometheus metrics callbacks (controller state, report timings: Grafana only; the dashboard's
+    # job and actor views and our metrics.jsonl do not use them) cost ~1.4 s of each trial's start-up on 2
+    # cores with one busy (bench/trial_startup.py). Set it to 1 to get them back.
     "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 
