@@ -12,6 +12,7 @@ reduction factors; each cell gives the share of FIFO's epochs it would use and i
 Usage:
     python bench/search_efficiency.py [--teacher CKPT] [--num-samples 12] [--max-epochs 9] [-- extra search args]
     python bench/search_efficiency.py --replay-only     # only the replay, on the existing FIFO experiment
+    python bench/search_efficiency.py --reuse-fifo ...  # other rungs against the finished FIFO run of that budget
 Without --teacher the ASHA search trains one (reused by the FIFO search). Writes
 ``bench/results/search_efficiency.json`` (``asha_epochs_over_fifo``, ``asha_best_minus_fifo_best`` in mAP
 points, per-scheduler figures, ``replay``, the machine and the date).
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduction-factor", type=int, default=2, help="default: launch/search.py's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once in the replay (as in the runs)")
+    parser.add_argument("--reuse-fifo", action="store_true",
+                        help="compare with this budget's finished FIFO experiment instead of running it again "
+                             "(FIFO does not depend on the rungs; same teacher, seed and trials assumed)")
     parser.add_argument("--replay-only", action="store_true",
                         help="replay ASHA on the existing FIFO experiment and update only the replay in --out")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -157,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     asha_dir = run("asha", args, args.teacher)
     teacher = args.teacher or str(asha_dir.parent / f"{asha_dir.name}-teacher" / "best" / "model.pt")
-    fifo_dir = run("fifo", args, teacher)
+    fifo_dir = args.storage / experiment_name("fifo", args)
+    if args.reuse_fifo and (fifo_dir / "trials.parquet").exists():
+        print(f"[bench] reusing {fifo_dir}", flush=True)
+    else:
+        fifo_dir = run("fifo", args, teacher)
     asha, fifo = figures(asha_dir), figures(fifo_dir)
     entry = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),

@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.resume:
             pipeline.save_request(plan, argv)
-        teacher = pipeline.ensure_teacher(plan)
-        baseline = pipeline.ensure_baseline(plan)
+        teacher, baseline = pipeline.ensure_references(plan)
         grid = pipeline.run_tuner(plan)
         outcome = pipeline.finish(plan, grid, teacher, baseline)
     except Exception as err:

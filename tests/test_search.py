@@ -54,6 +54,23 @@ def test_smoke_search_tables(smoke_search):
     assert "baseline student (no KD)" in proc.stdout and "best GAN-KD trial" in proc.stdout
 
 
+def test_teacher_and_baseline_train_at_once(smoke_search):
+    """Neither needs the other and a 2-CPU Ray holds both, so their runs overlap in time; the progress lines
+    say which run each epoch belongs to."""
+    from gankd_ray.train.run import read_metrics
+
+    experiment, proc = smoke_search
+
+    def span(run_dir: Path) -> tuple[float, float]:
+        records = read_metrics(str(run_dir))
+        return records[0]["worker_started_at"], records[-1]["reported_at"]
+
+    teacher, baseline = span(experiment.parent / "smoke-teacher"), span(experiment / "baseline")
+    assert max(teacher[0], baseline[0]) < min(teacher[1], baseline[1]), (teacher, baseline)
+    log = proc.stdout + proc.stderr
+    assert "smoke-teacher: epoch 1/1" in log and "baseline: epoch 3/3" in log
+
+
 def test_smoke_search_report_and_export(smoke_search):
     experiment, _ = smoke_search
     report = experiment / "report"

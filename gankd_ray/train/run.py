@@ -203,15 +203,16 @@ class MetricsLog(UserCallback):
         self._records = [r for r in self._records if epoch is None or r.get("epoch", -1) < epoch]
         self._records.append(record)
         storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self._records))
-        print(format_progress(record), flush=True)
+        print(format_progress(record, os.path.basename(self.run_dir.rstrip("/"))), flush=True)
 
 
 def _is_plain(value: Any) -> bool:
     return isinstance(value, (str, int, bool)) or (isinstance(value, float) and math.isfinite(value)) or value is None
 
 
-def format_progress(record: dict[str, Any]) -> str:
-    parts = [f"epoch {record.get('epoch')}/{record.get('epochs', '?')}"]
+def format_progress(record: dict[str, Any], run_name: str) -> str:
+    """One line per epoch, named after the run: a search's teacher, baseline and trials train at once."""
+    parts = [f"{run_name}: epoch {record.get('epoch')}/{record.get('epochs', '?')}"]
     for key in ("map", "ap50", "loss/total", "images_per_s"):
         if isinstance(record.get(key), (int, float)):
             parts.append(f"{key} {record[key]:.4g}")

@@ -144,6 +144,42 @@ def ensure_baseline(plan: SearchPlan) -> dict[str, Any]:
     return run_training(plan.baseline_job)
 
 
+def ensure_references(plan: SearchPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The teacher and the no-KD baseline (in that order). Neither needs the other, so they train at the same
+    time when the cluster has room for both right now; otherwise one after the other, since a run that waits
+    for workers longer than Train's start-up timeout fails."""
+    if plan.teacher_job is None or not _fit_together([plan.teacher_job, plan.baseline_job]):
+        return ensure_teacher(plan), ensure_baseline(plan)
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def baseline_run() -> None:
+        try:
+            outcome["baseline"] = ensure_baseline(plan)
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    # The teacher trains in the calling (main) thread, where Ray Train's Ctrl-C handler works; the baseline's
+    # thread is a daemon so an interrupted search does not wait for it to finish.
+    thread = threading.Thread(target=baseline_run, name="baseline-run", daemon=True)
+    thread.start()
+    teacher = ensure_teacher(plan)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return teacher, outcome["baseline"]
+
+
+def _fit_together(jobs: list[TrainJob]) -> bool:
+    import ray
+
+    free = ray.available_resources()
+    need_cpu = sum(job.workers * job.cpus_per_worker for job in jobs)
+    need_gpu = sum(job.workers * job.gpus_per_worker for job in jobs)
+    return free.get("CPU", 0.0) >= need_cpu and free.get("GPU", 0.0) >= need_gpu
+
+
 def run_tuner(plan: SearchPlan):
     from gankd_ray.cluster import cluster_resources
     from gankd_ray.tune.search import build_tuner, restore_tuner
