@@ -71,3 +71,166 @@ def read_trials_metrics(trials_dir: Path) -> dict[str, list[dict]]:
     from gankd_ray.train.run import METRICS_FILE, read_metrics
 
     return {path.parent.name: read_metrics(str(path.parent)) for path in sorted(trials_dir.glob(f"*/{METRICS_FILE}"))}
+
+
+# --------------------------------------------------------------------------------------------
+# A real S3 API server on 127.0.0.1 (moto's server mode), with IAM authentication enforced
+
+
+S3_BUCKET = "gankd"
+S3_REGION = "us-east-1"
+# Requests the server takes unauthenticated: creating the two IAM users (user, policy, access key each);
+# every request after these must be signed with a known key that its policy allows.
+S3_SETUP_REQUESTS = 6
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc, timeout: float = 60) -> None:
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the S3 server exited at start-up"
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"the S3 server did not listen on port {port}")
+
+
+def _s3_user(iam, name: str, actions: list[str]) -> dict[str, str]:
+    import json
+
+    iam.create_user(UserName=name)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+    iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3 API server on a free 127.0.0.1 port with bucket ``S3_BUCKET``.
+
+    Yields ``{"url", "env" (what a client needs: AWS_ENDPOINT_URL and a read-write key), "read_only"
+    (env of a key that may only read), "bucket"}``. The test process's own environment gets ``env`` too, so
+    pyarrow in the tests reads what the CLIs wrote.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("s3") / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(S3_SETUP_REQUESTS)},
+                              stdout=log, stderr=subprocess.STDOUT)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    try:
+        _wait_for_port(port, server)
+        url = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=url, region_name=S3_REGION, aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        read_write = _s3_user(iam, "gankd-rw", ["s3:*"])
+        read_only = _s3_user(iam, "gankd-ro", ["s3:Get*", "s3:List*", "s3:Head*"])
+        env = {"AWS_ENDPOINT_URL": url, "AWS_DEFAULT_REGION": S3_REGION, **read_write}
+        boto3.client("s3", endpoint_url=url, region_name=S3_REGION, aws_access_key_id=read_write["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=read_write["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=S3_BUCKET)
+        os.environ.update(env)
+        yield {"url": url, "port": port, "env": env, "read_only": {**env, **read_only}, "bucket": S3_BUCKET}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def upload(local: str | Path, uri: str) -> str:
+    """Copy a local file or folder to ``uri`` (on the S3 server); returns ``uri``."""
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(str(local), uri)
+    return uri
+
+
+class TcpProxy:
+    """A TCP forwarder on a free 127.0.0.1 port to ``target_port``, which a test can cut (every connection
+    closed, new ones refused: a network outage) and restore on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener = None
+        self._connections: list = []
+        self.restore()
+
+    def restore(self) -> None:
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        import socket
+
+        self._listener.close()
+        for conn in self._connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        self._connections.clear()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self._connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass

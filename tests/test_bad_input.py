@@ -345,3 +345,56 @@ def test_storage_filling_up_during_training_ends_with_a_clear_error(synthetic_da
     assert proc.returncode == EXIT_STORAGE_FULL, (proc.returncode, proc.stderr[-3000:])
     last = proc.stderr.strip().splitlines()[-1]  # after Ray's forwarded worker tracebacks
     assert last.startswith(f"error: --storage {small / 'runs'}: no space left while writing"), proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# object storage (a real S3 API server on 127.0.0.1): every failure refused before Ray, one line naming the URI
+
+S3_CASES = {
+    # name: (--data, --teacher, --storage, env changes, words of the error line)
+    "unreachable-endpoint": ("{s3data}", None, "{s3runs}", {"AWS_ENDPOINT_URL": "http://127.0.0.1:{closed}"},
+                             ["--data", "{s3data}", "cannot reach the storage endpoint", "127.0.0.1:{closed}"]),
+    "missing-bucket": ("s3://no-such-bucket/data", None, "{s3runs}", {},
+                       ["--data", "s3://no-such-bucket/data", "the bucket does not exist"]),
+    "invalid-credentials": ("{s3data}", None, "{s3runs}", {"AWS_SECRET_ACCESS_KEY": "wrong"},
+                            ["--data", "{s3data}", "access denied"]),
+    "missing-dataset-key": ("s3://gankd/no/dataset", None, "{s3runs}", {},
+                            ["--data", "s3://gankd/no/dataset/dataset.json", "file not found"]),
+    "missing-teacher-key": ("{s3data}", "s3://gankd/no/teacher", "{s3runs}", {},
+                            ["--teacher", "s3://gankd/no/teacher", "checkpoint not found"]),
+    "storage-not-writable": ("{s3data}", None, "{s3runs}", "read_only",
+                             ["--storage", "{s3runs}", "not writable", "access denied"]),
+    "storage-bucket-missing": ("{s3data}", None, "s3://no-such-bucket/runs", {},
+                               ["--storage", "s3://no-such-bucket/runs", "not writable", "the bucket does not exist"]),
+}
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(s3, synthetic_data: str) -> str:
+    from conftest import upload
+
+    return upload(synthetic_data, "s3://gankd/bad-input/data")
+
+
+# Both CLIs share the checks (train.resolve_job): every case through the search, the main ones through train.
+S3_CLI_CASES = [("search", case) for case in S3_CASES] + [
+    ("train", case) for case in ("unreachable-endpoint", "missing-teacher-key", "storage-not-writable")]
+
+
+@pytest.mark.parametrize("cli, case", S3_CLI_CASES)
+def test_bad_object_storage_is_refused_before_ray(case: str, cli: str, s3, s3_dataset: str, inputs, tmp_path: Path,
+                                                  monkeypatch) -> None:
+    from conftest import free_port
+
+    data, teacher, runs, env, words = S3_CASES[case]
+    values = {"s3data": s3_dataset, "s3runs": f"s3://gankd/bad-input/runs-{cli}", "closed": str(free_port())}
+    for key, value in (s3["read_only"] if env == "read_only" else env).items():
+        monkeypatch.setenv(key, value.format(**values))
+    args = ["--data", data.format(**values), "--storage", runs.format(**values), "--name", "bad",
+            "--teacher", (teacher or inputs["teacher"]).format(**values)]
+    args += ["--role", "gankd", "--epochs", "1"] if cli == "train" else []
+    run = run_cli(cli, args, tmp_path)
+    assert_refused(run.proc, [word.format(**values) for word in words])
+    assert_quick(run)
+    assert_no_ray(run.proc)
+    assert not list(tmp_path.iterdir())

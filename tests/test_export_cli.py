@@ -72,7 +72,7 @@ def trained(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("export")
     checkpoint = root / "experiment" / "trials" / "t1" / "checkpoint_000001"
     save_torch(model_payload(step.export_detector(), cfg), checkpoint / "model.pt")
-    export = export_model(checkpoint / "model.pt", root / "best", {"trial_id": "t1", "val_map": val_metrics["map"]})
+    export = Path(export_model(checkpoint / "model.pt", root / "best", {"trial_id": "t1", "val_map": val_metrics["map"]}))
     return {"root": root, "checkpoint": checkpoint, "export": export, "val": val_metrics, "data": synthetic_data,
             "classes": classes}
 
@@ -190,3 +190,28 @@ def test_export_cli_from_experiment(trained, tmp_path, capsys):
     assert "unknown trial id 'nope'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
     assert export.main(["--experiment", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_clis_take_paths_relative_to_where_they_run(trained, tmp_path):
+    """export, evaluate and predict from a folder that is not the repository, every path relative to it."""
+    workdir = tmp_path / "D"
+    workdir.mkdir()
+    experiment = workdir / "exp"
+    experiment.mkdir()
+    pd.DataFrame([{"trial_id": "t1", "status": "completed", "best_map": 0.3, "best_ap50": 0.5,
+                   "best_checkpoint": str(trained["checkpoint"])}]).to_parquet(experiment / "trials.parquet")
+    data = os.path.relpath(trained["data"], workdir)
+    image = os.path.relpath(next((Path(trained["data"]) / "images" / "val").iterdir()), workdir)
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / f"{script}.py"), *args], capture_output=True,
+                              text=True, env=ENV, cwd=workdir, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    run("export", "--experiment", "exp", "--out", "model")
+    assert (workdir / "model" / "card.json").is_file() and (workdir / "model" / "student.pt").is_file()
+    metrics = json.loads(run("evaluate", "--model", "model", "--data", data, "--split", "val").stdout.splitlines()[-1])
+    assert metrics["num_images"] == 16
+    run("predict", "--model", "model", "--images", image, "--out", "pred")
+    assert (workdir / "pred" / "detections.json").is_file() and (workdir / "pred" / f"{Path(image).stem}.png").is_file()

@@ -3,6 +3,7 @@ and the bad-input checks that must fail before Ray starts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,10 @@ def run_search(*args: str, timeout: float = 900, cwd: Path = ROOT) -> subprocess
 @pytest.fixture(scope="module")
 def smoke_search(synthetic_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("search")
-    # A relative --storage on purpose: Tune runs trial drivers in other working directories.
-    proc = run_search("--smoke", "--data", synthetic_data, "--storage", "runs", "--name", "smoke",
+    # Relative --data and --storage on purpose: Tune runs trial drivers (and Train its workers) in other working
+    # directories.
+    data = os.path.relpath(synthetic_data, workdir)
+    proc = run_search("--smoke", "--data", data, "--storage", "runs", "--name", "smoke",
                       "--teacher-epochs", "1", *FAST, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir / "runs" / "smoke", proc

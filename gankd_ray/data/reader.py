@@ -16,17 +16,36 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from gankd_ray import storage
 from gankd_ray.data.records import FORMAT_VERSION, DatasetError
-from gankd_ray.data.storage import open_location, read_json
+
+
+def open_location(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, root path inside it)`` of a dataset location; ``DatasetError`` when unreachable."""
+    try:
+        storage.check_readable(uri)
+        return storage.resolve(uri)
+    except OSError as err:
+        raise DatasetError(f"cannot open dataset location: {err}") from None
+
+
+def read_dataset_json(uri: str, *parts: str) -> Any:
+    """A JSON file of the prepared dataset at ``uri``; ``DatasetError`` naming it when missing or invalid."""
+    location = storage.join(uri, *parts)
+    try:
+        return storage.read_json(location)
+    except FileNotFoundError:
+        raise DatasetError(f"{location}: file not found (is this a prepared dataset?)") from None
+    except OSError as err:
+        raise DatasetError(str(err)) from None
 
 
 def read_dataset_info(uri: str) -> dict[str, Any]:
     """``dataset.json`` of the prepared dataset at ``uri`` (classes, per-split counts, source...)."""
-    filesystem, root = open_location(uri)
-    path = posixpath.join(root, "dataset.json")
-    info = read_json(filesystem, path)
+    open_location(uri)  # an unreachable endpoint, a missing bucket or bad credentials say so, not "not found"
+    info = read_dataset_json(uri, "dataset.json")
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: not a format_version {FORMAT_VERSION} prepared dataset")
+        raise DatasetError(f"{storage.join(uri, 'dataset.json')}: not a format_version {FORMAT_VERSION} prepared dataset")
     return info
 
 

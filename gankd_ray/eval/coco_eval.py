@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from gankd_ray.data.storage import open_location, read_json
+from gankd_ray.data.reader import read_dataset_json
 
 # COCOeval.stats order (bbox): AP@[.5:.95], AP50, AP75, AP small/medium/large, AR@1, AR@10, AR@100, AR s/m/l.
 STAT_NAMES = (
@@ -41,8 +40,7 @@ STAT_NAMES = (
 
 def load_coco(uri: str, split: str) -> COCO:
     """Ground truth ``annotations/<split>.json`` of the prepared dataset at ``uri`` (any pyarrow URI)."""
-    filesystem, root = open_location(uri)
-    return coco_from_dict(read_json(filesystem, posixpath.join(root, "annotations", f"{split}.json")))
+    return coco_from_dict(read_dataset_json(uri, "annotations", f"{split}.json"))
 
 
 def coco_from_dict(dataset: dict[str, Any]) -> COCO:

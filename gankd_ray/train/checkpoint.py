@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gankd_ray import storage
 from gankd_ray.config import ConfigError, RunConfig
-from gankd_ray.utils import atomic_write
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -35,18 +35,24 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unsafe, or not a gankd-ray checkpoint."""
 
 
-def save_torch(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` through a temp file + rename, so a crash never leaves half a checkpoint."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def save_torch(obj: Any, location: str | Path) -> str:
+    """``torch.save`` to any storage location, whole or not at all (``gankd_ray.storage``)."""
+    storage.save_torch(obj, str(location))
+    return str(location)
 
 
-def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load with ``weights_only=True``; anything that needs arbitrary unpickling is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+def load_torch(location: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load with ``weights_only=True`` from any storage location; anything that needs arbitrary unpickling
+    is refused."""
+    path = str(location)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        source = storage.open_for_torch(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file not found") from None
+    except OSError as err:
+        raise CheckpointError(str(err)) from None
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
         raise CheckpointError(f"{path}: refused, not a weights-only checkpoint ({first})") from None
@@ -63,16 +69,21 @@ def model_payload(detector: torch.nn.Module, config: RunConfig) -> dict[str, Any
     }
 
 
-def resolve_model_file(path: str | Path) -> Path:
-    """A checkpoint directory, an export directory or a ``.pt`` file -> the model file."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (MODEL_FILE, "student.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path}: no {MODEL_FILE} or student.pt in this directory")
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+def resolve_model_file(location: str | Path) -> str:
+    """A checkpoint directory, an export directory or a ``.pt`` file (any storage location) -> the model file."""
+    path = str(location)
+    try:
+        if storage.is_dir(path):
+            for name in (MODEL_FILE, "student.pt"):
+                if storage.is_file(storage.join(path, name)):
+                    return storage.join(path, name)
+            raise CheckpointError(f"{path}: no {MODEL_FILE} or student.pt in this directory")
+        if not storage.exists(path):
+            raise CheckpointError(f"{path}: checkpoint not found")
+    except CheckpointError:
+        raise
+    except OSError as err:
+        raise CheckpointError(str(err)) from None
     return path
 
 

@@ -10,7 +10,6 @@ import errno
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,7 +28,8 @@ class InputError(ValueError):
 
 
 class StorageFullError(OSError):
-    """The run's storage filled up (or hit its quota) while the run wrote to it; the message names it."""
+    """The run's storage filled up (or hit its quota), or stopped answering, while the run wrote to it; the
+    message names it and says that rerunning the same command resumes."""
 
 
 STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -49,9 +49,15 @@ class TrainJob:
     max_failures: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Workers run in other working directories (and on other nodes): only absolute locations travel.
+        self.storage = storage.normalize_uri(self.storage)
+        if self.teacher:
+            self.teacher = storage.normalize_uri(self.teacher)
+
     @property
     def run_dir(self) -> str:
-        return storage.join(storage.normalize_uri(self.storage), self.name)
+        return storage.join(self.storage, self.name)
 
     def loop_config(self) -> dict[str, Any]:
         """What each worker receives: plain data only (it crosses process boundaries)."""
@@ -79,7 +85,7 @@ def resolve_job(job: TrainJob) -> TrainJob:
     try:
         info = read_dataset_info(cfg.data.path)
     except (DatasetError, OSError) as err:
-        raise InputError(f"--data {cfg.data.path}: {err}") from None
+        raise InputError(f"--data: {err}") from None
     num_classes = len(info["classes"])
     if cfg.detector.num_classes not in (0, num_classes):
         raise InputError(
@@ -164,7 +170,7 @@ def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
         ),
         run_config=ray.train.RunConfig(
             name=job.name,
-            storage_path=storage.normalize_uri(job.storage),
+            storage_path=job.storage,
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             # Keep the best checkpoint by val mAP; Ray always keeps the latest one too (for resume).
             checkpoint_config=ray.train.CheckpointConfig(
@@ -179,26 +185,21 @@ class MetricsLog(UserCallback):
     """Runs in the Train controller: one JSON line per reported epoch, plus a progress line.
 
     The file is rewritten whole each epoch (object stores cannot append). On a resumed run, lines of
-    epochs at or after the first newly reported one are dropped, so no epoch appears twice.
+    epochs at or after the first newly reported one are dropped, so no epoch appears twice. Checkpoints are
+    recorded as full locations (``s3://bucket/...`` on object storage), readable from any node.
     """
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.path = storage.join(run_dir, METRICS_FILE)
         self._records: list[dict[str, Any]] | None = None
-        self._started = time.time()
-
-    def _load(self) -> list[dict[str, Any]]:
-        if not storage.exists(self.path):
-            return []
-        return [json.loads(line) for line in storage.read_text(self.path).splitlines() if line.strip()]
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         record = {k: v for k, v in metrics[0].items() if _is_plain(v)}
         if checkpoint is not None:
-            record["checkpoint"] = checkpoint.path
+            record["checkpoint"] = storage.uri_of(checkpoint.filesystem, checkpoint.path)
         if self._records is None:
-            self._records = self._load()
+            self._records = read_metrics(self.run_dir)
         epoch = record.get("epoch")
         self._records = [r for r in self._records if epoch is None or r.get("epoch", -1) < epoch]
         self._records.append(record)
@@ -244,13 +245,18 @@ def run_training(job: TrainJob, callbacks: Sequence[Any] = ()) -> dict[str, Any]
 
 
 def storage_full_error(err: BaseException, storage_uri: str, target: str) -> StorageFullError | None:
-    """A clear ``StorageFullError`` when ``err`` comes from a full disk or quota while writing ``target``."""
+    """A clear ``StorageFullError`` when ``err`` comes from a full disk or quota, or from object storage that
+    failed (unreachable, access revoked), while writing ``target``; None for any other failure."""
     if isinstance(err, StorageFullError):
         return err
-    if not _is_storage_full(err):
-        return None
-    return StorageFullError(f"--storage {storage_uri}: no space left while writing {target} (free some space, "
-                            "then run the same command again to resume from the last checkpoint)")
+    resume = "then run the same command again to resume from the last checkpoint"
+    if _is_storage_full(err):
+        return StorageFullError(f"--storage {storage_uri}: no space left while writing {target} (free some space, "
+                                f"{resume})")
+    cause = _object_storage_failure(err)
+    if cause is not None:
+        return StorageFullError(f"--storage {storage_uri}: storage failed during the run ({cause}); {resume}")
+    return None
 
 
 def _is_storage_full(err: BaseException) -> bool:
@@ -258,16 +264,28 @@ def _is_storage_full(err: BaseException) -> bool:
 
     Ray wraps a worker's ``OSError`` and rebuilds it in this process, so its text is checked as well as its errno.
     """
+    return any((isinstance(cause, OSError) and cause.errno in STORAGE_FULL_ERRNOS)
+               or any(os.strerror(code) in str(cause) for code in STORAGE_FULL_ERRNOS) for cause in _causes(err))
+
+
+def _object_storage_failure(err: BaseException) -> str | None:
+    """The short reason when ``err`` or one of its causes is an object-storage failure (pyarrow's AWS errors)."""
+    for cause in _causes(err):
+        if isinstance(cause, storage.StorageError) and not isinstance(cause, FileNotFoundError):
+            return str(cause)
+        if "AWS Error" in str(cause) or "StorageError: " in str(cause):  # rebuilt by Ray from another process
+            return storage.reason(cause)
+    return None
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and everything it wraps: chained exceptions and Ray Train's controller and worker failures."""
     seen: list[BaseException] = [err]
     for cause in seen:
-        if isinstance(cause, OSError) and cause.errno in STORAGE_FULL_ERRNOS:
-            return True
-        if any(os.strerror(code) in str(cause) for code in STORAGE_FULL_ERRNOS):
-            return True
         nested = [cause.__cause__, cause.__context__, getattr(cause, "controller_failure", None),
                   *getattr(cause, "worker_failures", {}).values()]
         seen.extend(e for e in nested if isinstance(e, BaseException) and e not in seen)
-    return False
+    return seen
 
 
 def best_record(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

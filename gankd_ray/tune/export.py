@@ -6,64 +6,81 @@
   detections (boxes xyxy in original coordinates, labels, scores) out.
 - ``card.json``: hyperparameters, val metrics, teacher, dataset, parameter count, date.
 
-Files are written to a staging folder and renamed into place, so an export is whole or absent.
+Files are staged locally and published through ``gankd_ray.storage.publish_dir`` (``card.json`` last), so an
+export on any storage is whole or absent.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gankd_ray import storage
 from gankd_ray.train import checkpoint as ckpt
 
 EXPORT_FILES = ("student.pt", "student.ts", "card.json")
+# Written last: a folder without it is an incomplete export (object stores have no atomic folder rename).
+COMPLETE_MARKER = "card.json"
 
 
 class ExportError(ValueError):
     """An export directory is incomplete or unreadable."""
 
 
-def export_model(model_file: str | Path, out_dir: str | Path, card: dict[str, Any]) -> Path:
-    """Write the three export files for the model in ``model_file`` into ``out_dir`` (replaced whole)."""
+def export_model(model_file: str | Path, out_dir: str | Path, card: dict[str, Any]) -> str:
+    """Write the three export files for the model in ``model_file`` into ``out_dir`` (any storage location,
+    replaced whole: readers see the old export, no export, or the new one, never a mix)."""
     detector, config = ckpt.load_detector(model_file)
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    full_card = {
+        **card,
+        "backbone": config.detector.backbone,
+        "image_size": config.detector.image_size,
+        "num_classes": config.detector.num_classes,
+        "head_mode": config.distill.head_mode if config.role == "gankd" else "own",
+        "dataset": config.data.path,
+        "parameters": sum(p.numel() for p in detector.parameters()),
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with storage.staging_dir("gankd-export-") as staging:
+        folder = Path(staging)
+        torch.save(ckpt.model_payload(detector, config), folder / "student.pt")
+        torch.jit.save(torch.jit.script(detector.eval()), str(folder / "student.ts"))
+        (folder / COMPLETE_MARKER).write_text(json.dumps(full_card, indent=2, default=str) + "\n")
+        return storage.publish_dir(folder, str(out_dir), COMPLETE_MARKER)
+
+
+def check_export(model_dir: str | Path) -> str:
+    """Raise ``ExportError`` naming the first missing file of an export directory (any storage location)."""
+    location = storage.normalize_uri(str(model_dir))
     try:
-        torch.save(ckpt.model_payload(detector, config), staging / "student.pt")
-        torch.jit.save(torch.jit.script(detector.eval()), str(staging / "student.ts"))
-        full_card = {
-            **card,
-            "backbone": config.detector.backbone,
-            "image_size": config.detector.image_size,
-            "num_classes": config.detector.num_classes,
-            "head_mode": config.distill.head_mode if config.role == "gankd" else "own",
-            "dataset": config.data.path,
-            "parameters": sum(p.numel() for p in detector.parameters()),
-            "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (staging / "card.json").write_text(json.dumps(full_card, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+        if not storage.is_dir(location):
+            raise ExportError(f"{model_dir}: exported model directory not found")
+        for name in EXPORT_FILES:
+            if not storage.is_file(storage.join(location, name)):
+                raise ExportError(f"{model_dir}: missing {name} (not a complete gankd-ray export)")
+    except OSError as err:
+        raise ExportError(str(err)) from None
+    return location
 
 
-def check_export(model_dir: str | Path) -> Path:
-    """Raise ``ExportError`` naming the first missing file of an export directory."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ExportError(f"{model_dir}: exported model directory not found")
-    for name in EXPORT_FILES:
-        if not (model_dir / name).is_file():
-            raise ExportError(f"{model_dir}: missing {name} (not a complete gankd-ray export)")
-    return model_dir
+def read_card(model_dir: str) -> dict[str, Any]:
+    try:
+        return storage.read_json(storage.join(model_dir, COMPLETE_MARKER))
+    except OSError as err:
+        raise ExportError(str(err)) from None
+
+
+def load_torchscript(model_dir: str, device: str | torch.device = "cpu"):
+    """``student.ts`` of an export. TorchScript is code: only for files from a trusted source."""
+    import torchvision  # noqa: F401 - registers the torchvision ops (nms, box_iou) the script calls
+
+    file = storage.join(model_dir, "student.ts")
+    source = storage.open_for_torch(file)
+    try:
+        return torch.jit.load(source, map_location=device).eval()
+    except RuntimeError as err:
+        raise ExportError(f"{file}: unreadable TorchScript ({str(err).splitlines()[0]})") from None

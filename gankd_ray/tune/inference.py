@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from gankd_ray.utils import plain_value
 
+import io
 import json
 import math
 import zlib
@@ -31,7 +32,7 @@ import torch
 
 from gankd_ray import storage
 from gankd_ray.tune import results as res
-from gankd_ray.tune.export import ExportError, check_export, export_model
+from gankd_ray.tune.export import ExportError, check_export, export_model, load_torchscript, read_card
 
 # trials.parquet columns that are results, not hyperparameters.
 RESULT_COLUMNS = frozenset(res.TRIAL_COLUMNS) | {"best_epoch", "best_checkpoint"}
@@ -49,11 +50,15 @@ def read_trials(experiment_dir: str) -> Any:
     """``<experiment_dir>/trials.parquet`` as a DataFrame."""
     import pandas as pd
 
-    path = storage.join(experiment_dir, "trials.parquet")
-    if not storage.exists(path):
-        raise InferenceError(f"{path}: not found (not a finished search experiment directory)")
+    path = storage.join(storage.normalize_uri(experiment_dir), "trials.parquet")
     try:
-        return pd.read_parquet(path)
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise InferenceError(f"{path}: not found (not a finished search experiment directory)") from None
+    except OSError as err:
+        raise InferenceError(str(err)) from None
+    try:
+        return pd.read_parquet(io.BytesIO(data))
     except Exception as err:  # noqa: BLE001 - any unreadable table is a user error here
         raise InferenceError(f"{path}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
@@ -104,10 +109,11 @@ def model_file_of(checkpoint: str, experiment_dir: str) -> str:
     return other if storage.exists(other) else file
 
 
-def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None) -> tuple[Path, dict[str, Any]]:
+def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None) -> tuple[str, dict[str, Any]]:
     """Export a trial of a search exactly as the search exports its best; returns (out dir, card)."""
     from gankd_ray.train.checkpoint import CheckpointError, read_model_file
 
+    experiment_dir, out_dir = storage.normalize_uri(experiment_dir), storage.normalize_uri(out_dir)
     trials = read_trials(experiment_dir)
     row = select_trial(trials, trial_id)
     model_file = model_file_of(str(row["best_checkpoint"]), experiment_dir)
@@ -126,9 +132,9 @@ def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None)
         if classes:
             extra["classes"] = classes
         out = export_model(model_file, out_dir, trial_card(row, list(trials.columns), extra))
-    except CheckpointError as err:
+        return out, read_card(out)
+    except (CheckpointError, ExportError, OSError) as err:
         raise InferenceError(str(err)) from None
-    return out, json.loads((out / "card.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,23 +148,11 @@ def load_export(model_dir: str | Path, torchscript: bool = False, device: str | 
 
     try:
         model_dir = check_export(model_dir)
-    except ExportError as err:
-        raise InferenceError(str(err)) from None
-    try:
-        card = json.loads((model_dir / "card.json").read_text())
-    except ValueError as err:
-        raise InferenceError(f"{model_dir / 'card.json'}: invalid JSON ({err})") from None
-    if torchscript:
-        import torchvision  # noqa: F401 - registers the torchvision ops (nms, box_iou) the script calls
-
-        try:
-            model = torch.jit.load(str(model_dir / "student.ts"), map_location=device).eval()
-        except RuntimeError as err:
-            raise InferenceError(f"{model_dir / 'student.ts'}: unreadable TorchScript ({str(err).splitlines()[0]})") from None
-        return model, None, card
-    try:
-        detector, config = load_detector(model_dir / "student.pt", device=device)
-    except CheckpointError as err:
+        card = read_card(model_dir)
+        if torchscript:
+            return load_torchscript(model_dir, device), None, card
+        detector, config = load_detector(storage.join(model_dir, "student.pt"), device=device)
+    except (ExportError, CheckpointError, OSError) as err:
         raise InferenceError(str(err)) from None
     return detector, config, card
 
@@ -251,17 +245,20 @@ def predict_images(
 
     model, config, card = load_export(model_dir, torchscript=torchscript is not False)
     names = class_names(card, config)
-    paths = [Path(p) for p in image_paths]
+    paths = [storage.normalize_uri(str(p)) for p in image_paths]
     pictures = []
     for path in paths:
-        if not path.is_file():
-            raise InferenceError(f"{path}: image not found")
         try:
-            pictures.append(decode_rgb(path.read_bytes()))
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise InferenceError(f"{path}: image not found") from None
+        except OSError as err:
+            raise InferenceError(str(err)) from None
+        try:
+            pictures.append(decode_rgb(data))
         except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
             raise InferenceError(f"{path}: not a readable image ({_first_line(err)})") from None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.normalize_uri(str(out_dir))
     detections: list[dict[str, Any]] = []
     written: list[str] = []
     used: set[str] = set()
@@ -282,12 +279,14 @@ def predict_images(
                     "score": float(score),
                 }
             )
-        png = out_dir / _unique_png(path, used)
-        draw_detections(picture, boxes, [_name(names, int(l)) for l in labels], scores).save(png)
-        written.append(str(png))
-    detections_file = out_dir / "detections.json"
-    detections_file.write_text(json.dumps(detections, indent=1) + "\n")
-    return {"detections": str(detections_file), "images": written, "count": len(detections)}
+        png = storage.join(out_dir, _unique_png(Path(path), used))
+        buffer = io.BytesIO()
+        draw_detections(picture, boxes, [_name(names, int(l)) for l in labels], scores).save(buffer, format="PNG")
+        storage.write_bytes(png, buffer.getvalue())
+        written.append(png)
+    detections_file = storage.join(out_dir, "detections.json")
+    storage.write_text(detections_file, json.dumps(detections, indent=1) + "\n")
+    return {"detections": detections_file, "images": written, "count": len(detections)}
 
 
 def draw_detections(picture, boxes: Sequence[Sequence[float]], labels: Sequence[str], scores: Sequence[float]):

@@ -14,13 +14,23 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from gankd_ray import storage  # noqa: E402
 from gankd_ray.tune.space import SearchSpace  # noqa: E402
 
 
-def write_report(out_dir: str | Path, trials: pd.DataFrame, epochs: pd.DataFrame, space: SearchSpace,
-                 summary_table: str, best_trial_id: str | None) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+REPORT_FILE = "report.md"  # written last: the report folder is complete when it is there
+
+
+def write_report(out_dir: str, trials: pd.DataFrame, epochs: pd.DataFrame, space: SearchSpace,
+                 summary_table: str, best_trial_id: str | None) -> str:
+    """``out_dir`` (any storage location, replaced whole): the PNGs and ``report.md`` linking them."""
+    with storage.staging_dir("gankd-report-") as staging:
+        _write_report_files(Path(staging), trials, epochs, space, summary_table, best_trial_id)
+        return storage.publish_dir(staging, out_dir, REPORT_FILE)
+
+
+def _write_report_files(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, space: SearchSpace,
+                        summary_table: str, best_trial_id: str | None) -> None:
     figures = {
         "optimisation_history.png": _history(trials),
         "learning_curves.png": _learning_curves(epochs, trials),
@@ -36,8 +46,7 @@ def write_report(out_dir: str | Path, trials: pd.DataFrame, epochs: pd.DataFrame
         plt.close(fig)
         lines.append(f"![{name}]({name})\n")
     lines += ["## Trials", "", _markdown(trials.drop(columns=["error"], errors="ignore"))]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return out
+    (out / REPORT_FILE).write_text("\n".join(lines) + "\n")
 
 
 def _history(trials: pd.DataFrame):

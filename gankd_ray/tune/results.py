@@ -7,6 +7,7 @@ tables are complete after a resumed search too.
 
 from __future__ import annotations
 
+import io
 import re
 from typing import Any
 
@@ -14,7 +15,6 @@ import pandas as pd
 
 from gankd_ray import storage
 from gankd_ray.train.run import best_record, read_metrics
-from gankd_ray.utils import atomic_write
 
 COMPLETED = "completed"
 STOPPED_EARLY = "stopped_early"
@@ -104,11 +104,9 @@ def _one_line(error: BaseException) -> str:
 
 def write_tables(experiment_dir: str, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
     for name, frame in (("trials.parquet", trials), ("epochs.parquet", epochs)):
-        path = storage.join(experiment_dir, name)
-        if storage.has_scheme(path):
-            frame.to_parquet(path, index=False)
-        else:
-            atomic_write(path, lambda tmp, f=frame: f.to_parquet(tmp, index=False))
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        storage.write_bytes(storage.join(experiment_dir, name), buffer.getvalue())
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series | None:
