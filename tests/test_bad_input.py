@@ -133,9 +133,12 @@ CASES: dict[str, Case] = {
     "invalid box": Case(
         "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "annotation 11", "outside the 64x48 image"),
         bad_coco(box_outside_image)),
-    "export missing student.ts (evaluate)": Case(
-        "evaluate", ("--model", "{work}/model", "--data", "{data}"), ("{work}/model", "missing student.ts"),
-        export_without("student.ts")),
+    "export missing student.pt (evaluate)": Case(
+        "evaluate", ("--model", "{work}/model", "--data", "{data}"), ("{work}/model", "missing student.pt"),
+        export_without("student.pt")),
+    "export missing student.ts (evaluate --torchscript)": Case(
+        "evaluate", ("--model", "{work}/model", "--data", "{data}", "--torchscript"),
+        ("{work}/model", "missing student.ts"), export_without("student.ts")),
     "export missing card.json (predict)": Case(
         "predict", ("--model", "{work}/model", "--images", "{image}", "--out", "{work}/predictions"),
         ("{work}/model", "missing card.json"), export_without("card.json")),
@@ -345,3 +348,60 @@ def test_storage_filling_up_during_training_ends_with_a_clear_error(synthetic_da
     assert proc.returncode == EXIT_STORAGE_FULL, (proc.returncode, proc.stderr[-3000:])
     last = proc.stderr.strip().splitlines()[-1]  # after Ray's forwarded worker tracebacks
     assert last.startswith(f"error: --storage {small / 'runs'}: no space left while writing"), proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# a hostile model folder: TorchScript is code
+
+
+HOSTILE_SCRIPT = '''
+import sys
+from typing import Dict, List, Tuple
+
+import torch
+
+
+class WritesAFile(torch.nn.Module):
+    """Overwrites (or creates) ``target`` in forward via a shared memory map: TorchScript can touch the disk."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+
+    def forward(self, images: List[torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:
+        written = torch.from_file(self.target, shared=True, size=6, dtype=torch.uint8)
+        written.fill_(33)
+        scores = torch.zeros(0) + written.sum().float()  # used, so the write is not dead code
+        detections = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": scores}
+        return {}, [detections for _ in images]
+
+
+torch.jit.save(torch.jit.script(WritesAFile(sys.argv[1])), sys.argv[2])
+'''
+
+
+@pytest.fixture(scope="module")
+def hostile_model(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real export whose ``student.ts`` writes ``target`` when run: (model folder, target)."""
+    root = tmp_path_factory.mktemp("hostile")
+    model, target = root / "model", root / "written_by_the_model"
+    shutil.copytree(inputs["export"], model)
+    script = root / "make_hostile.py"  # a file: torch.jit.script reads the module's source
+    script.write_text(HOSTILE_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(target), str(model / "student.ts")], check=True,
+                   capture_output=True)
+    return model, target
+
+
+@pytest.mark.parametrize("cli", ["predict", "evaluate"])
+def test_a_hostile_student_ts_does_not_run_under_the_defaults(cli: str, hostile_model, inputs, tmp_path) -> None:
+    model, target = hostile_model
+    target.unlink(missing_ok=True)
+    args = {"predict": ["--images", inputs["image"], "--out", str(tmp_path / "predictions")],
+            "evaluate": ["--data", inputs["data"]]}[cli]
+    run = run_cli(cli, ["--model", str(model), *args], tmp_path)
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    assert not target.exists(), f"{cli} ran student.ts without --torchscript"
+    # The same folder with --torchscript does run the code: the check above is not vacuous.
+    run_cli(cli, ["--model", str(model), *args, "--torchscript"], tmp_path)
+    assert target.exists()

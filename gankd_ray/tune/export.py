@@ -3,7 +3,8 @@
 - ``student.pt``: the model file format of ``gankd_ray.train.checkpoint`` (weights-only state dict plus
   the resolved config), loadable with ``torch.load(..., weights_only=True)``.
 - ``student.ts``: TorchScript; a list of image tensors ([3,H,W] in [0,1], any size) in, torchvision-style
-  detections (boxes xyxy in original coordinates, labels, scores) out.
+  detections (boxes xyxy in original coordinates, labels, scores) out. TorchScript is code (it can read and
+  write files), so our own tools load it only on request (``--torchscript``), for trusted files.
 - ``card.json``: hyperparameters, val metrics, teacher, dataset, parameter count, date.
 
 Files are written to a staging folder and renamed into place, so an export is whole or absent.
@@ -58,12 +59,12 @@ def export_model(model_file: str | Path, out_dir: str | Path, card: dict[str, An
     return out_dir
 
 
-def check_export(model_dir: str | Path) -> Path:
-    """Raise ``ExportError`` naming the first missing file of an export directory."""
+def check_export(model_dir: str | Path, files: tuple[str, ...] = EXPORT_FILES) -> Path:
+    """Raise ``ExportError`` naming the first of ``files`` missing from an export directory."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ExportError(f"{model_dir}: exported model directory not found")
-    for name in EXPORT_FILES:
+    for name in files:
         if not (model_dir / name).is_file():
             raise ExportError(f"{model_dir}: missing {name} (not a complete gankd-ray export)")
     return model_dir

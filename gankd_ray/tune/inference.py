@@ -8,7 +8,8 @@ parse arguments and turn ``InferenceError`` into a one-line message and exit cod
 - :func:`evaluate_export`: COCO mAP / AP50 of an export on a prepared split. ``student.pt`` goes through
   exactly the path of the training loop's validation (``TrainStep.predict``): images resized to ``S x S`` by
   the eval ``DetectionBatchLoader``, then ``detect(extract(normalize(x)), S, orig_sizes)`` in float32, so
-  the val figure equals the search's ``best_map``. ``student.ts`` is evaluated as a user would run it: the
+  the val figure equals the search's ``best_map``. ``student.ts`` (only on request: TorchScript is code, so
+  a crafted file can touch the disk; trusted files only) is evaluated as a user would run it: the
   decoded original images in, TorchScript's own resize inside (tensor bilinear instead of PIL's), so
   its numbers are close to, not identical with, the ``student.pt`` ones.
 - :func:`predict_images`: detections on image files, ``detections.json`` (COCO results) and one PNG per
@@ -136,12 +137,15 @@ def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None)
 
 
 def load_export(model_dir: str | Path, torchscript: bool = False, device: str | torch.device = "cpu"):
-    """``(model, config or None, card)`` of a complete export; ``model`` is the eager detector
-    (``student.pt``, weights-only) or the TorchScript module (``student.ts``)."""
+    """``(model, config or None, card)`` of an export; ``model`` is the eager detector (``student.pt``,
+    weights-only: the default, safe with a folder from anyone) or, when ``torchscript``, the TorchScript
+    module (``student.ts``: code that runs with the user's rights, so trusted files only). Only the files
+    the chosen model needs must be present."""
     from gankd_ray.train.checkpoint import CheckpointError, load_detector
 
+    model_file = "student.ts" if torchscript else "student.pt"
     try:
-        model_dir = check_export(model_dir)
+        model_dir = check_export(model_dir, (model_file, "card.json"))
     except ExportError as err:
         raise InferenceError(str(err)) from None
     try:
@@ -238,18 +242,18 @@ def predict_images(
     out_dir: str | Path,
     score_thresh: float = 0.3,
     *,
-    torchscript: bool | None = None,
+    torchscript: bool = False,
 ) -> dict[str, Any]:
     """Detections on image files: ``out_dir/detections.json`` and one annotated PNG per image.
 
-    ``torchscript=None`` uses ``student.ts`` (what the export is for); ``False`` the weights-only
-    ``student.pt`` through the same eager forward. Image ids are 1.. in the order given.
+    The weights-only ``student.pt`` by default; ``torchscript=True`` runs ``student.ts`` instead (trusted
+    files only: TorchScript is code). Image ids are 1.. in the order given.
 
     Returns ``{"detections": path, "images": [png paths], "count": detections kept}``.
     """
     from gankd_ray.data.transforms import decode_rgb
 
-    model, config, card = load_export(model_dir, torchscript=torchscript is not False)
+    model, config, card = load_export(model_dir, torchscript=torchscript)
     names = class_names(card, config)
     paths = [Path(p) for p in image_paths]
     pictures = []
