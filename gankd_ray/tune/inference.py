@@ -18,7 +18,7 @@ parse arguments and turn ``InferenceError`` into a one-line message and exit cod
 
 from __future__ import annotations
 
-from gankd_ray.utils import plain_value
+from gankd_ray.utils import first_line, plain_value
 
 import json
 import math
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from gankd_ray import storage
+from gankd_ray.data.validate import DEFAULT_MAX_PIXELS
 from gankd_ray.tune import results as res
 from gankd_ray.tune.export import ExportError, check_export, export_model
 
@@ -215,7 +216,7 @@ def evaluate_export(
                 data, split, image_size, batch_size, train=False, hflip=False, jitter=0.0, num_workers=num_workers
             )
     except (DatasetError, OSError, ValueError, KeyError) as err:
-        raise InferenceError(f"{data}: cannot read split {split!r} ({_first_line(err)})") from None
+        raise InferenceError(f"{data}: cannot read split {split!r} ({first_line(err)})") from None
     results: list[dict[str, Any]] = []
     if torchscript:
         for start in range(0, len(rows), batch_size):
@@ -243,27 +244,20 @@ def predict_images(
     score_thresh: float = 0.3,
     *,
     torchscript: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Detections on image files: ``out_dir/detections.json`` and one annotated PNG per image.
 
     The weights-only ``student.pt`` by default; ``torchscript=True`` runs ``student.ts`` instead (trusted
-    files only: TorchScript is code). Image ids are 1.. in the order given.
+    files only: TorchScript is code). Image ids are 1.. in the order given. Images of more than
+    ``max_pixels`` pixels or of more than 8 bits per channel are refused before decoding.
 
     Returns ``{"detections": path, "images": [png paths], "count": detections kept}``.
     """
-    from gankd_ray.data.transforms import decode_rgb
-
     model, config, card = load_export(model_dir, torchscript=torchscript)
     names = class_names(card, config)
     paths = [Path(p) for p in image_paths]
-    pictures = []
-    for path in paths:
-        if not path.is_file():
-            raise InferenceError(f"{path}: image not found")
-        try:
-            pictures.append(decode_rgb(path.read_bytes()))
-        except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
-            raise InferenceError(f"{path}: not a readable image ({_first_line(err)})") from None
+    pictures = [read_picture(path, max_pixels) for path in paths]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     detections: list[dict[str, Any]] = []
@@ -292,6 +286,23 @@ def predict_images(
     detections_file = out_dir / "detections.json"
     detections_file.write_text(json.dumps(detections, indent=1) + "\n")
     return {"detections": str(detections_file), "images": written, "count": len(detections)}
+
+
+def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The image file at ``path`` as an RGB PIL image; its header is checked (pixel limit, 8-bit pixels)
+    before it is decoded, as ``prepare_data`` checks a dataset's images."""
+    from gankd_ray.data.validate import image_header_problem, open_image
+
+    if not path.is_file():
+        raise InferenceError(f"{path}: image not found")
+    try:
+        with open_image(path.read_bytes()) as image:
+            problem = image_header_problem(image, max_pixels)
+            if not problem:
+                return image.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        raise InferenceError(f"{path}: not a readable image ({first_line(err)})") from None
+    raise InferenceError(f"{path}: {problem}")
 
 
 def draw_detections(picture, boxes: Sequence[Sequence[float]], labels: Sequence[str], scores: Sequence[float]):
@@ -366,11 +377,6 @@ def _unique_png(path: Path, used: set[str]) -> str:
 
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 __all__ = [
     "InferenceError",
     "class_names",
@@ -381,6 +387,7 @@ __all__ = [
     "load_export",
     "predict_images",
     "predict_resized",
+    "read_picture",
     "read_trials",
     "run_scripted",
     "select_trial",
