@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="export folder (student.pt, student.ts, card.json)")
     parser.add_argument("--data", required=True, help="prepared dataset folder or URI")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--torchscript", action="store_true", help="evaluate student.ts instead of student.pt (TorchScript is code: trusted files only)")
+    parser.add_argument("--torchscript", action="store_true",
+                        help="evaluate student.ts instead of student.pt (TorchScript is code: trusted files only)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0, help="background image decoding processes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
