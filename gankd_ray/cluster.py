@@ -2,16 +2,21 @@
 
 Security defaults: the dashboard binds to 127.0.0.1 unless the caller asks for another host (it has no
 authentication of its own), and Ray's token authentication is left as Ray configures it (on for local
-clusters since 2.59).
+clusters since 2.59). A dashboard beyond loopback with token authentication turned off is an open
+job-submission endpoint (anyone who reaches it runs code as the user): ``check_dashboard_exposure``
+refuses it unless explicitly allowed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import sys
 from typing import Any
 
 LOCAL_HOST = "127.0.0.1"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch: unset or "token" = token authentication on a local cluster
 
 # Ray Train polls its workers every 2 s and watches for preemption every 5 s; both delays land on every
 # run's start and end. Short searches pay them per trial, so poll faster and skip the preemption
@@ -68,6 +73,38 @@ def init_ray(
                 kwargs["dashboard_port"] = dashboard_port
         context = ray.init(**kwargs)
     return _dashboard_url(context)
+
+
+def check_dashboard_exposure(host: str, *, address: str | None = None, allow_unauthenticated: bool = False) -> None:
+    """Refuse (``ValueError``, one line) a local dashboard bound beyond loopback while token authentication
+    is off; with ``allow_unauthenticated`` print a warning instead. Call it before Ray starts.
+
+    A cluster's dashboard (``address`` given) is the head node's business, not this process's.
+    """
+    if address or _is_loopback(host) or not token_auth_disabled():
+        return
+    exposure = (f"--dashboard-host {host} with {AUTH_MODE_ENV}={os.environ[AUTH_MODE_ENV]}: an unauthenticated "
+                "job-submission endpoint, anyone who reaches it can run code as you")
+    if not allow_unauthenticated:
+        raise ValueError(f"{exposure}; bind it to 127.0.0.1 (forward the port over ssh) or turn token "
+                         "authentication on (--allow-unauthenticated-dashboard overrides)")
+    print(f"WARNING: {exposure} (allowed by --allow-unauthenticated-dashboard)", file=sys.stderr, flush=True)
+
+
+def token_auth_disabled() -> bool:
+    """Whether a local Ray started by this process runs without token authentication (Ray reads the variable
+    the same way: any value but ``token`` turns it off)."""
+    mode = os.environ.get(AUTH_MODE_ENV)
+    return mode is not None and mode.strip().lower() != "token"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to any interface
 
 
 def apply_train_env_defaults() -> None:

@@ -3,7 +3,8 @@
 YAML gives defaults, ``key=value`` overrides (dotted paths such as ``distill.adv_weight=0.1``) come
 from the CLI or a search trial, and the resolved config is written next to every checkpoint so a
 checkpoint alone can rebuild its model. Values are parsed by the declared field type, never
-evaluated as code.
+evaluated as code. YAML is read by ``load_yaml`` (``yaml.SafeLoader`` that refuses aliases expanding
+beyond ``MAX_YAML_NODES`` values, "billion laughs"), and every value an error echoes is cut short.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from typing import Any
 
 import yaml
 
+from gankd_ray.utils import first_line, short_repr
+
+# A config or space file has a few hundred values; aliases that multiply them past this are an attack
+# (nested aliases of a few hundred bytes expand to gigabytes when anything walks or prints the value).
+MAX_YAML_NODES = 10_000
 ROLES = ("teacher", "student", "gankd")
 HEAD_MODES = ("own", "teacher")
 ADV_LOSSES = ("wgan", "wgan-gp", "lsgan", "bce", "hinge")
@@ -27,6 +33,50 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 class ConfigError(ValueError):
     """A config value, key or file is invalid; the message names the culprit."""
+
+
+class YamlBombError(yaml.YAMLError):
+    """A YAML document whose aliases expand beyond ``MAX_YAML_NODES`` values, or refer to themselves."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only) that checks the size of each document with aliases expanded."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with bounds; every failure is a ``yaml.YAMLError`` with a one-line message."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as err:  # an integer of over 4300 digits
+        raise yaml.YAMLError(first_line(err)) from None
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values under ``node`` counting each alias as a copy; each distinct node is visited once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise YamlBombError(f"line {node.start_mark.line + 1}: an alias refers to the value that contains it")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    total = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    if total > MAX_YAML_NODES:
+        raise YamlBombError(f"line {node.start_mark.line + 1}: aliases expand to more than {MAX_YAML_NODES} values")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 @dataclass
@@ -62,7 +112,7 @@ class DetectorConfig:
 
         if self.backbone not in available_backbones():
             raise ConfigError(
-                f"{where}.backbone={self.backbone!r}: unknown backbone; "
+                f"{where}.backbone={short_repr(self.backbone)}: unknown backbone; "
                 f"choose one of {', '.join(available_backbones())}"
             )
 
@@ -128,7 +178,7 @@ class DistillConfig:
         if self.n_critic < 1:
             raise ConfigError(f"distill.n_critic={self.n_critic}: must be >= 1")
         if len(set(self.levels)) != len(self.levels):
-            raise ConfigError(f"distill.levels={self.levels}: duplicate level")
+            raise ConfigError(f"distill.levels={short_repr(self.levels)}: duplicate level")
 
 
 @dataclass
@@ -210,11 +260,13 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = load_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the config file ({first_line(err)})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: invalid YAML: {first_line(err)}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -233,10 +285,10 @@ class RunConfig:
                 if key == "teacher" and node.get(key) is None:
                     node[key] = _to_plain(dataclasses.asdict(DetectorConfig()))
                 if not isinstance(node.get(key), dict):
-                    raise ConfigError(f"override {dotted}: unknown key {key!r}")
+                    raise ConfigError(f"override {short_repr(dotted)}: unknown key {short_repr(key)}")
                 node = node[key]
             if leaf not in node:
-                raise ConfigError(f"override {dotted}: unknown key {leaf!r}")
+                raise ConfigError(f"override {short_repr(dotted)}: unknown key {short_repr(leaf)}")
             node[leaf] = value
         return RunConfig.from_dict(data, where="overrides")
 
@@ -247,11 +299,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {short_repr(item)}: expected key=value")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+            out[key.strip()] = load_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {short_repr(item)}: value is not valid YAML ({first_line(err)})") from None
     return out
 
 
@@ -268,7 +320,7 @@ def paper_recipe() -> DistillConfig:
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+        raise ConfigError(f"{name}={short_repr(value)}: must be one of {', '.join(choices)}")
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -289,9 +341,9 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # keys may be of any YAML type
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+        raise ConfigError(f"{where}: unknown key {short_repr(unknown[0])}")
     kwargs = {key: _coerce(hints[key], value, f"{where}.{key}" if where else key) for key, value in data.items()}
     return cls(**kwargs)
 
@@ -308,25 +360,25 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return _from_dict(tp, value, name)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{name}={value!r}: expected a list")
+            raise ConfigError(f"{name}={short_repr(value)}: expected a list")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}={value!r}: expected a list")
+            raise ConfigError(f"{name}={short_repr(value)}: expected a list")
         item_tps = typing.get_args(tp)
         if len(value) != len(item_tps):
-            raise ConfigError(f"{name}={value!r}: expected {len(item_tps)} values")
+            raise ConfigError(f"{name}={short_repr(value)}: expected {len(item_tps)} values")
         return tuple(_coerce(t, v, f"{name}[{i}]") for i, (t, v) in enumerate(zip(item_tps, value)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected true or false")
+            raise ConfigError(f"{name}={short_repr(value)}: expected true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{name}={value!r}: expected an integer")
+            raise ConfigError(f"{name}={short_repr(value)}: expected an integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -335,10 +387,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
                     return float(value)  # YAML 1.1 reads "1e-3" as a string
                 except ValueError:
                     pass
-            raise ConfigError(f"{name}={value!r}: expected a number")
+            raise ConfigError(f"{name}={short_repr(value)}: expected a number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r}: expected a string")
+            raise ConfigError(f"{name}={short_repr(value)}: expected a string")
         return value
     raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover - programming error

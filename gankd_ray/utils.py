@@ -1,10 +1,11 @@
-"""Small shared helpers: atomic file writes, machine description."""
+"""Small shared helpers: atomic file writes, machine description, bounded values in messages."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import reprlib
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -65,3 +66,25 @@ def plain_value(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+SHORT_REPR_CHARS = 80
+# Few items and levels: the repr of a value built from YAML aliases (shared sub-lists) stays small and fast.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+for _kind in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_SHORT_REPR, _kind, 4)
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = SHORT_REPR_CHARS
+_SHORT_REPR.maxlong = 40
+
+
+def short_repr(value: Any, limit: int = SHORT_REPR_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: what error messages echo of a user's value."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gankd_ray.utils import first_line  # noqa: F401 - also used as wheels.first_line
+
 DOWNLOAD_TIMEOUT_S = 900
 
 
@@ -131,11 +133,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _last_line(text: str) -> str:

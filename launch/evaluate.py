@@ -3,6 +3,7 @@
 
 student.pt is evaluated on exactly the path of the search's validation (same resize, same numbers on
 val); --torchscript evaluates student.ts on the original images instead (close, not identical).
+TorchScript is code that runs with your rights: use --torchscript only with model folders you trust.
 
 Example:
     python launch/evaluate.py --model runs/default/best --data data/synthetic [--split test] [--torchscript]
@@ -27,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="export folder (student.pt, student.ts, card.json)")
     parser.add_argument("--data", required=True, help="prepared dataset folder or URI")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--torchscript", action="store_true", help="evaluate student.ts instead of student.pt")
+    parser.add_argument("--torchscript", action="store_true",
+                        help="evaluate student.ts instead of student.pt (TorchScript is code: trusted files only)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0, help="background image decoding processes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

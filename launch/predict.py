@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Detect objects in image files with an exported student (student.ts; --eager for student.pt).
+"""Detect objects in image files with an exported student (student.pt, weights only; --torchscript for student.ts).
+
+student.ts is TorchScript, and TorchScript is code that runs with your rights (it can read and write
+files): use --torchscript only with model folders you trust. student.pt is safe with a folder from anyone.
 
 Writes OUT/detections.json (COCO results: image_id = position in --images from 1, file_name,
 category_id, category_name, bbox [x, y, w, h], score) and OUT/<image stem>.png with the boxes drawn.
@@ -16,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gankd_ray.data.validate import DEFAULT_MAX_PIXELS  # noqa: E402
 from gankd_ray.tune.inference import InferenceError, predict_images  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -27,7 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, nargs="+", help="image files")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this")
-    parser.add_argument("--eager", action="store_true", help="run student.pt instead of student.ts")
+    parser.add_argument("--torchscript", action="store_true",
+                        help="run student.ts instead of student.pt (TorchScript is code: trusted files only)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse larger images, checked before decoding (default {DEFAULT_MAX_PIXELS})")
+    # student.pt is the default now; --eager (which asked for it) is still accepted so old scripts run.
+    parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -35,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = predict_images(args.model, args.images, args.out, args.score_thresh,
-                                 torchscript=False if args.eager else None)
+                                 torchscript=args.torchscript and not args.eager, max_pixels=args.max_pixels)
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

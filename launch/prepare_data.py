@@ -5,8 +5,11 @@ See ``gankd_ray/data/prepare.py`` (``--help`` of each subcommand lists its optio
 """
 
 import sys
+from pathlib import Path
 
-from gankd_ray.data.prepare import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gankd_ray.data.prepare import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted experiment --name in --storage with the options it was started with")
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
-    p.add_argument("--dashboard-host", default="127.0.0.1", help="bind address of a local Ray dashboard")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="bind address of a local Ray dashboard; beyond loopback it needs Ray's token authentication")
+    p.add_argument("--allow-unauthenticated-dashboard", action="store_true",
+                   help="allow --dashboard-host beyond loopback with RAY_AUTH_MODE=disabled (an open job-submission "
+                        "endpoint: anyone who reaches it runs code as you)")
     p.add_argument("overrides", nargs="*", help="key=value base config overrides")
     args = p.parse_args(argv)
     if args.smoke:
@@ -62,6 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.grace_period is None:
         args.grace_period = default_grace_period(args.max_epochs)
     return args
+
+
+def check_dashboard(args: argparse.Namespace) -> None:
+    from gankd_ray.cluster import check_dashboard_exposure
+
+    try:
+        check_dashboard_exposure(args.dashboard_host, address=args.address,
+                                 allow_unauthenticated=args.allow_unauthenticated_dashboard)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def ensure_default_data(args: argparse.Namespace) -> None:
@@ -92,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        check_dashboard(args)
         if args.resume:
             args = resumed_args(args)
         ensure_default_data(args)

@@ -76,8 +76,8 @@ BAD_COCO_INPUTS: dict[str, tuple[Callable[[dict[str, Any], Path], None], str]] =
         r"{file}: annotation 999: image 77 is not in the file",
     ),
     "unknown category": (_append_annotation(category_id=42), r"{file}: annotation 999: image 1: unknown category 42"),
-    "missing image file": (_delete_image_file, r"{file}: image 2 \(img2.png\): image file .*img2.png is missing"),
-    "corrupt image file": (_truncate_image_file, r"{file}: image 3 \(img3.png\): corrupt or unsupported image file"),
+    "missing image file": (_delete_image_file, r"{file}: image 2 \('img2.png'\): image file .*img2.png is missing"),
+    "corrupt image file": (_truncate_image_file, r"{file}: image 3 \('img3.png'\): corrupt or unsupported image file"),
     "duplicate image id": (_set("images.1.id", 1), r"{file}: image 1: duplicate image id"),
     "duplicate annotation id": (_set("annotations.1.id", 10), r"{file}: annotation 10: duplicate annotation id"),
     "file name escaping the folder": (
@@ -231,15 +231,20 @@ def test_a_box_overhanging_by_less_than_a_pixel_is_clipped_not_rejected(tmp_path
     assert [50.0, 20.0, 14.0, 8.0] in boxes
 
 
-def test_a_non_empty_output_folder_is_refused_unless_overwrite(tmp_path: Path) -> None:
+def test_a_non_empty_output_folder_is_refused_and_overwrite_replaces_only_a_dataset(tmp_path: Path) -> None:
     annotation_file, out = _prepare_bad_input(tmp_path, lambda data, root: None)
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("mine")
     args = ("coco", "--images", str(tmp_path / "images"), "--annotations", str(annotation_file), "--out", str(out))
     refused = run_prepare(*args)
     assert refused.returncode == 2 and "not empty; pass --overwrite" in _error_line(refused.stderr)
-    assert (out / "keep.txt").read_text() == "mine"
+    refused = run_prepare(*args, "--overwrite")  # a folder of the user's, not a dataset: never deleted
+    assert refused.returncode == 2 and "not a prepared dataset" in _error_line(refused.stderr)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_prepare(*args).returncode == 0  # an empty folder is fine
+    (out / "images" / "stale.png").write_bytes(b"old")
     replaced = run_prepare(*args, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
-    assert not (out / "keep.txt").exists() and (out / "dataset.json").is_file()
+    assert not (out / "images" / "stale.png").exists() and (out / "dataset.json").is_file()
     assert [p.name for p in out.parent.iterdir()] == ["prepared"]  # no staging or trash folder left

@@ -128,11 +128,11 @@ def test_evaluate_bad_input_exits_2(trained, tmp_path, capsys):
     evaluate = _launch("evaluate")
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("student.pt", "card.json"):
+    for name in ("student.ts", "card.json"):
         (broken / name).write_bytes((trained["export"] / name).read_bytes())
     assert evaluate.main(["--model", str(broken), "--data", trained["data"]]) == 2
     err = capsys.readouterr().err.strip()
-    assert "missing student.ts" in err and len(err.splitlines()) == 1
+    assert "missing student.pt" in err and len(err.splitlines()) == 1
     assert evaluate.main(["--model", str(trained["export"]), "--data", str(tmp_path / "nodata")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nodata" in err and len(err.splitlines()) == 1

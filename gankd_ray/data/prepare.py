@@ -1,20 +1,23 @@
 """``prepare_data`` command line: one subcommand per registered source, the same output layout for all.
 
 Exit status 0 on success, 2 on invalid input (one ``error:`` line on stderr naming the file and id),
-with no partial output folder left behind.
+with no partial output folder left behind (SIGTERM cleans up as Ctrl-C does; exit status 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gankd_ray.data.records import DatasetError, Rejections
 from gankd_ray.data.sources import available_sources, get_source
-from gankd_ray.data.writer import ROWS_PER_SHARD, check_output_dir, stderr_log, write_dataset
+from gankd_ray.data.validate import DEFAULT_MAX_PIXELS
+from gankd_ray.data.writer import ROWS_PER_SHARD, check_output_dir, output_path, stderr_log, write_dataset
 
 EXIT_INVALID = 2
 MESSAGES_SHOWN = 10  # dropped items listed on stderr with --drop-invalid; the rest are only counted
@@ -36,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; must be absent or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a --out folder holding a prepared dataset (other non-empty folders are refused)")
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images of more pixels, checked before decoding (default {DEFAULT_MAX_PIXELS})",
+    )
     parser.add_argument(
         "--drop-invalid", action="store_true", help="drop invalid images/annotations and report how many"
     )
@@ -59,11 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rejections = Rejections(drop_invalid=args.drop_invalid)
     try:
-        check_output_dir(Path(args.out).absolute(), args.overwrite)
-        data = get_source(args.source).load(args, rejections)
-        # Progress goes to stdout: on invalid input, stderr holds the one error line and nothing else.
-        info = write_dataset(args.out, data, rejections, overwrite=args.overwrite, rows_per_shard=args.rows_per_shard,
-                             log=stdout_log)
+        with _terminate_cleanly():
+            check_output_dir(output_path(args.out), args.overwrite)
+            data = get_source(args.source).load(args, rejections)
+            # Progress goes to stdout: on invalid input, stderr holds the one error line and nothing else.
+            info = write_dataset(args.out, data, rejections, overwrite=args.overwrite,
+                                 rows_per_shard=args.rows_per_shard, log=stdout_log, max_pixels=args.max_pixels)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -71,6 +82,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr_log(f"dropped: {message}")
     print(summary_line(args.out, info))
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """SIGTERM (``kill``, a batch scheduler) unwinds like Ctrl-C, so the writer removes its staging folder."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def exit_on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stdout_log(message: str) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from gankd_ray.utils import short_repr
+
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 
@@ -59,7 +61,7 @@ class ImageRecord:
 
     def where(self) -> str:
         """``"<origin>: image <id>"``: the prefix of every message about this image."""
-        return f"{self.origin}: image {self.image_id}"
+        return f"{self.origin}: image {short_repr(self.image_id)}"
 
 
 @dataclass

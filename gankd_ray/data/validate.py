@@ -3,6 +3,10 @@
 A box may stick out of its image by at most ``BOX_TOLERANCE_PX`` (float rounding, VOC's 1-based
 edges written 0-based); it is clipped then. Anything further out is an error, not silently clipped,
 because it usually means the wrong image or a swapped width/height.
+
+Images are checked from their header before any decode: more than ``max_pixels`` pixels (an image bomb
+would be decoded again every epoch) or pixels that are not 8-bit (16-bit and float images would be
+clipped to 8 bits by the RGB conversion) are refused, not converted.
 """
 
 from __future__ import annotations
@@ -10,14 +14,20 @@ from __future__ import annotations
 import io
 import math
 import posixpath
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from gankd_ray.data.records import ImageRecord, Rejections
+from gankd_ray.utils import first_line, short_repr
 
 BOX_TOLERANCE_PX = 1.0
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: above any camera a detector is trained on, far below PIL's bomb limit
+# PIL modes of more than 8 bits per channel; converting them to RGB clips every value above 255.
+WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;32", "I;32B", "I;32L", "F;32", "F;32B", "F;32L")
+INT64_RANGE = (-(2**63), 2**63 - 1)  # the parquet image_id column
 
 
 @dataclass
@@ -47,8 +57,10 @@ class _Invalid(Exception):
     """A reason; the caller prefixes where it happened."""
 
 
-def validate_image(record: ImageRecord, num_classes: int, rejections: Rejections) -> CleanImage | None:
-    """Check one image and its annotations.
+def validate_image(
+    record: ImageRecord, num_classes: int, rejections: Rejections, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> CleanImage | None:
+    """Check one image and its annotations (images of more than ``max_pixels`` pixels are invalid).
 
     Returns:
         The clean image, or ``None`` when the image was rejected under ``drop_invalid`` (invalid
@@ -58,13 +70,14 @@ def validate_image(record: ImageRecord, num_classes: int, rejections: Rejections
         DatasetError: on the first problem unless ``rejections.drop_invalid``.
     """
     try:
+        _check_image_id(record.image_id)
         _check_file_name(record.file_name)
         data = _image_bytes(record)
-        width, height = _decoded_size(data)
+        width, height = _decoded_size(data, max_pixels)
         if record.width is not None or record.height is not None:
             _check_declared_size(record.width, record.height, width, height)
     except _Invalid as reason:
-        rejections.reject("image", f"{record.where()} ({record.file_name}): {reason}")
+        rejections.reject("image", f"{record.where()} ({short_repr(record.file_name)}): {reason}")
         return None
     boxes, labels, crowd, areas = [], [], [], []
     for index, annotation in enumerate(record.annotations):
@@ -117,9 +130,22 @@ def clean_box(box: tuple[float, ...], width: int, height: int) -> tuple[float, f
 
 def _check_file_name(name: str) -> None:
     # file_name becomes a path under images/<split>/: it must not escape that folder.
-    normal = posixpath.normpath(name) if name else ""
-    if not name or name.startswith("/") or "\\" in name or normal.startswith("..") or normal != name:
-        raise _Invalid(f"file name {name!r} must be a plain relative path")
+    if not is_plain_relative_path(name):
+        raise _Invalid(f"file name {short_repr(name)} must be a plain relative path")
+
+
+def is_plain_relative_path(name: str) -> bool:
+    """Whether ``name`` stays inside the folder it is joined to: relative, normalised, no ``..``, no
+    backslash, no NUL or other control character (which the OS rejects with a traceback, or hides)."""
+    if not name or name.startswith("/") or "\\" in name or any(ord(c) < 32 or c == "\x7f" for c in name):
+        return False
+    normal = posixpath.normpath(name)
+    return not normal.startswith("..") and normal == name
+
+
+def _check_image_id(image_id: int) -> None:
+    if not INT64_RANGE[0] <= image_id <= INT64_RANGE[1]:
+        raise _Invalid("image id does not fit in 64 bits")
 
 
 def _image_bytes(record: ImageRecord) -> bytes:
@@ -135,22 +161,44 @@ def _image_bytes(record: ImageRecord) -> bytes:
         raise _Invalid(f"image file {record.path} is unreadable: {err.strerror}") from None
 
 
-def _decoded_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` after a full decode, so truncated files fail here, not in a loader worker."""
+def _decoded_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` after a full decode, so truncated files fail here, not in a loader worker;
+    the header is checked first, so a bomb or a 16-bit image is refused without decoding it."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.size
+        with open_image(data) as image:
+            problem = image_header_problem(image, max_pixels)
+            if not problem:
+                image.load()
+                return image.size
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise _Invalid(f"corrupt or unsupported image file: {detail}") from None
+        raise _Invalid(f"corrupt or unsupported image file: {first_line(err)}") from None
+    raise _Invalid(problem)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``Image.open`` (header only) without PIL's bomb warning: callers apply their own pixel limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def image_header_problem(image: Image.Image, max_pixels: int) -> str:
+    """Why an opened (not yet decoded) image is refused, or ""; its size and mode come from the header."""
+    width, height = image.size
+    if width * height > max_pixels:
+        return f"{width}x{height} is {width * height} pixels, above the limit of {max_pixels} (--max-pixels)"
+    if image.mode in WIDE_MODES:
+        return (f"pixels of mode {image.mode!r} (16-bit or float) would be clipped to 8 bits: "
+                "convert the image to 8 bits per channel first")
+    return ""
 
 
 def _check_declared_size(width: int | None, height: int | None, actual_w: int, actual_h: int) -> None:
+    declared = f"{short_repr(width)}x{short_repr(height)}"
     if width is None or height is None or width <= 0 or height <= 0:
-        raise _Invalid(f"non-positive or missing width/height {width}x{height}")
+        raise _Invalid(f"non-positive or missing width/height {declared}")
     if (width, height) != (actual_w, actual_h):
-        raise _Invalid(f"declared size {width}x{height} but the image is {actual_w}x{actual_h}")
+        raise _Invalid(f"declared size {declared} but the image is {actual_w}x{actual_h}")
 
 
 def _check_category(category_id: int, num_classes: int) -> None:

@@ -1,8 +1,10 @@
 """Write a prepared dataset: images, COCO annotations, parquet shards and ``dataset.json``.
 
 Everything is built in a temporary folder beside ``DIR`` and renamed into place at the end, so a
-failure (or Ctrl-C) never leaves a partial ``DIR``. Data files carry no timestamps: the same input
-gives byte-identical images, annotations and parquet shards; only ``dataset.json`` has a date.
+failure (or Ctrl-C, or SIGTERM through ``prepare_data``) never leaves a partial ``DIR``. A process killed
+harder leaves its hidden ``.DIR.<pid>.<hex>.partial`` folder behind: the next write to ``DIR`` removes
+those whose process is gone. Data files carry no timestamps: the same input gives byte-identical images,
+annotations and parquet shards; only ``dataset.json`` has a date.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -23,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gankd_ray.data.records import FORMAT_VERSION, SPLITS, DatasetError, ImageRecord, Rejections, SourceData
-from gankd_ray.data.validate import CleanImage, validate_image
+from gankd_ray.data.validate import DEFAULT_MAX_PIXELS, CleanImage, validate_image
 
 ROWS_PER_SHARD = 256
 # Row groups smaller than a shard let a rank read only the part of a file that holds its rows.
@@ -56,14 +59,16 @@ def write_dataset(
     overwrite: bool = False,
     rows_per_shard: int = ROWS_PER_SHARD,
     log: Callable[[str], None] = stderr_log,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Validate ``data`` and write it as a prepared dataset at local folder ``out``.
 
     Args:
-        out: destination folder; must be absent or empty unless ``overwrite``.
+        out: destination folder; must be absent or empty, or with ``overwrite`` hold a prepared dataset.
         data: classes and per-split records from a source (iterables are consumed once).
         rejections: shared with the source; raises at the first invalid item unless dropping.
         rows_per_shard: maximum rows per parquet file.
+        max_pixels: images with more pixels are invalid.
 
     Returns:
         The ``dataset.json`` content.
@@ -71,11 +76,12 @@ def write_dataset(
     Raises:
         DatasetError: invalid input, an empty split, or a non-empty ``out`` without ``overwrite``.
     """
-    out = Path(out).absolute()
+    out = output_path(out)
     check_output_dir(out, overwrite)
+    sweep_stale_staging(out)
     staging = _sibling(out, "partial")
     try:
-        info = _write_all(staging, data, rejections, rows_per_shard, log)
+        info = _write_all(staging, data, rejections, rows_per_shard, log, max_pixels)
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,21 +89,77 @@ def write_dataset(
     return info
 
 
+def output_path(out: str | Path) -> Path:
+    """``out`` made absolute with ``.`` and ``..`` resolved, so its name and parent are real ones."""
+    return Path(os.path.abspath(out))
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse early (before any work) when ``out`` holds something and ``overwrite`` is off."""
+    """Refuse early (before any work) when ``out`` holds something and ``overwrite`` is off, or when
+    ``overwrite`` would replace a folder that is not a prepared dataset (``--out . --overwrite``)."""
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise DatasetError(f"{out}: output directory exists and is not empty; pass --overwrite to replace it")
+    if not holds_prepared_dataset(out):
+        raise DatasetError(
+            f"{out}: not a prepared dataset (no valid dataset.json); --overwrite only replaces a prepared dataset "
+            "or an empty folder"
+        )
+
+
+def holds_prepared_dataset(folder: Path) -> bool:
+    """Whether ``folder/dataset.json`` is one that this writer wrote."""
+    try:
+        info = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(info, dict) and info.get("format_version") == FORMAT_VERSION and "splits" in info
+
+
+def sweep_stale_staging(out: Path) -> None:
+    """Remove the staging folders of ``out`` left by processes that are gone (killed by SIGKILL, a crash).
+
+    A stale ``.old`` folder holds the dataset that was being replaced: it is put back when ``out`` is
+    missing (the process died between the two renames), else removed.
+    """
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[0-9a-f]{{8}}\.(partial|old)")
+    for folder in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(folder.name)
+        if not match or not folder.is_dir() or _process_alive(int(match.group(1))):
+            continue
+        previous = folder / "old"
+        if match.group(2) == "old" and previous.is_dir() and not out.exists():
+            os.rename(previous, out)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or an id we cannot ask about): leave its folder alone
+    return True
 
 
 def _write_all(
-    staging: Path, data: SourceData, rejections: Rejections, rows_per_shard: int, log: Callable[[str], None]
+    staging: Path,
+    data: SourceData,
+    rejections: Rejections,
+    rows_per_shard: int,
+    log: Callable[[str], None],
+    max_pixels: int,
 ) -> dict[str, Any]:
     missing = [split for split in SPLITS if split not in data.splits]
     if missing:
         raise DatasetError(f"{data.source}: split {missing[0]!r} is empty")
-    builder = _SplitWriter(staging, data, rejections, rows_per_shard, log)
+    builder = _SplitWriter(staging, data, rejections, rows_per_shard, log, max_pixels)
     split_counts = {split: builder.write(split) for split in SPLITS}
     info = {
         "format_version": FORMAT_VERSION,
@@ -118,9 +180,16 @@ class _SplitWriter:
     """Writes one split at a time; keeps what must be unique or summed over the whole dataset."""
 
     def __init__(
-        self, staging: Path, data: SourceData, rejections: Rejections, rows_per_shard: int, log: Callable[[str], None]
+        self,
+        staging: Path,
+        data: SourceData,
+        rejections: Rejections,
+        rows_per_shard: int,
+        log: Callable[[str], None],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.staging = staging
+        self.max_pixels = max_pixels
         self.data = data
         self.rejections = rejections
         self.rows_per_shard = rows_per_shard
@@ -139,7 +208,7 @@ class _SplitWriter:
         for record in self.data.splits[split]:
             if not self._is_new(record, split, seen_files):
                 continue
-            image = validate_image(record, len(self.data.classes), self.rejections)
+            image = validate_image(record, len(self.data.classes), self.rejections, self.max_pixels)
             if image is None:
                 continue
             self.image_digests.append((image.file_name, hashlib.sha256(image.data).hexdigest()))

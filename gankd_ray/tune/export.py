@@ -3,7 +3,8 @@
 - ``student.pt``: the model file format of ``gankd_ray.train.checkpoint`` (weights-only state dict plus
   the resolved config), loadable with ``torch.load(..., weights_only=True)``.
 - ``student.ts``: TorchScript; a list of image tensors ([3,H,W] in [0,1], any size) in, torchvision-style
-  detections (boxes xyxy in original coordinates, labels, scores) out.
+  detections (boxes xyxy in original coordinates, labels, scores) out. TorchScript is code (it can read and
+  write files), so our own tools load it only on request (``--torchscript``), for trusted files.
 - ``card.json``: hyperparameters, val metrics, teacher, dataset, parameter count, date.
 
 Files are staged locally and published through ``gankd_ray.storage.publish_dir`` (``card.json`` last), so an
@@ -53,13 +54,14 @@ def export_model(model_file: str | Path, out_dir: str | Path, card: dict[str, An
         return storage.publish_dir(folder, str(out_dir), COMPLETE_MARKER)
 
 
-def check_export(model_dir: str | Path) -> str:
-    """Raise ``ExportError`` naming the first missing file of an export directory (any storage location)."""
+def check_export(model_dir: str | Path, files: tuple[str, ...] = EXPORT_FILES) -> str:
+    """Raise ``ExportError`` naming the first of ``files`` missing from an export directory (any storage
+    location); returns the directory's normalised location."""
     location = storage.normalize_uri(str(model_dir))
     try:
         if not storage.is_dir(location):
             raise ExportError(f"{model_dir}: exported model directory not found")
-        for name in EXPORT_FILES:
+        for name in files:
             if not storage.is_file(storage.join(location, name)):
                 raise ExportError(f"{model_dir}: missing {name} (not a complete gankd-ray export)")
     except OSError as err:

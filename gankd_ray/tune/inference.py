@@ -8,7 +8,8 @@ parse arguments and turn ``InferenceError`` into a one-line message and exit cod
 - :func:`evaluate_export`: COCO mAP / AP50 of an export on a prepared split. ``student.pt`` goes through
   exactly the path of the training loop's validation (``TrainStep.predict``): images resized to ``S x S`` by
   the eval ``DetectionBatchLoader``, then ``detect(extract(normalize(x)), S, orig_sizes)`` in float32, so
-  the val figure equals the search's ``best_map``. ``student.ts`` is evaluated as a user would run it: the
+  the val figure equals the search's ``best_map``. ``student.ts`` (only on request: TorchScript is code, so
+  a crafted file can touch the disk; trusted files only) is evaluated as a user would run it: the
   decoded original images in, TorchScript's own resize inside (tensor bilinear instead of PIL's), so
   its numbers are close to, not identical with, the ``student.pt`` ones.
 - :func:`predict_images`: detections on image files, ``detections.json`` (COCO results) and one PNG per
@@ -17,7 +18,7 @@ parse arguments and turn ``InferenceError`` into a one-line message and exit cod
 
 from __future__ import annotations
 
-from gankd_ray.utils import plain_value
+from gankd_ray.utils import first_line, plain_value
 
 import io
 import json
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 from gankd_ray import storage
+from gankd_ray.data.validate import DEFAULT_MAX_PIXELS
 from gankd_ray.tune import results as res
-from gankd_ray.tune.export import ExportError, check_export, export_model, load_torchscript, read_card
+from gankd_ray.tune.export import COMPLETE_MARKER, ExportError, check_export, export_model, load_torchscript, read_card
 
 # trials.parquet columns that are results, not hyperparameters.
 RESULT_COLUMNS = frozenset(res.TRIAL_COLUMNS) | {"best_epoch", "best_checkpoint"}
@@ -142,12 +144,15 @@ def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None)
 
 
 def load_export(model_dir: str | Path, torchscript: bool = False, device: str | torch.device = "cpu"):
-    """``(model, config or None, card)`` of a complete export; ``model`` is the eager detector
-    (``student.pt``, weights-only) or the TorchScript module (``student.ts``)."""
+    """``(model, config or None, card)`` of an export; ``model`` is the eager detector (``student.pt``,
+    weights-only: the default, safe with a folder from anyone) or, when ``torchscript``, the TorchScript
+    module (``student.ts``: code that runs with the user's rights, so trusted files only). Only the files
+    the chosen model needs must be present."""
     from gankd_ray.train.checkpoint import CheckpointError, load_detector
 
+    model_file = "student.ts" if torchscript else "student.pt"
     try:
-        model_dir = check_export(model_dir)
+        model_dir = check_export(model_dir, (model_file, COMPLETE_MARKER))
         card = read_card(model_dir)
         if torchscript:
             return load_torchscript(model_dir, device), None, card
@@ -205,7 +210,7 @@ def evaluate_export(
                 data, split, image_size, batch_size, train=False, hflip=False, jitter=0.0, num_workers=num_workers
             )
     except (DatasetError, OSError, ValueError, KeyError) as err:
-        raise InferenceError(f"{data}: cannot read split {split!r} ({_first_line(err)})") from None
+        raise InferenceError(f"{data}: cannot read split {split!r} ({first_line(err)})") from None
     results: list[dict[str, Any]] = []
     if torchscript:
         for start in range(0, len(rows), batch_size):
@@ -232,32 +237,21 @@ def predict_images(
     out_dir: str | Path,
     score_thresh: float = 0.3,
     *,
-    torchscript: bool | None = None,
+    torchscript: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Detections on image files: ``out_dir/detections.json`` and one annotated PNG per image.
 
-    ``torchscript=None`` uses ``student.ts`` (what the export is for); ``False`` the weights-only
-    ``student.pt`` through the same eager forward. Image ids are 1.. in the order given.
+    The weights-only ``student.pt`` by default; ``torchscript=True`` runs ``student.ts`` instead (trusted
+    files only: TorchScript is code). Image ids are 1.. in the order given. Images of more than
+    ``max_pixels`` pixels or of more than 8 bits per channel are refused before decoding.
 
     Returns ``{"detections": path, "images": [png paths], "count": detections kept}``.
     """
-    from gankd_ray.data.transforms import decode_rgb
-
-    model, config, card = load_export(model_dir, torchscript=torchscript is not False)
+    model, config, card = load_export(model_dir, torchscript=torchscript)
     names = class_names(card, config)
     paths = [storage.normalize_uri(str(p)) for p in image_paths]
-    pictures = []
-    for path in paths:
-        try:
-            data = storage.read_bytes(path)
-        except FileNotFoundError:
-            raise InferenceError(f"{path}: image not found") from None
-        except OSError as err:
-            raise InferenceError(str(err)) from None
-        try:
-            pictures.append(decode_rgb(data))
-        except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
-            raise InferenceError(f"{path}: not a readable image ({_first_line(err)})") from None
+    pictures = [read_picture(path, max_pixels) for path in paths]
     out_dir = storage.normalize_uri(str(out_dir))
     detections: list[dict[str, Any]] = []
     written: list[str] = []
@@ -287,6 +281,27 @@ def predict_images(
     detections_file = storage.join(out_dir, "detections.json")
     storage.write_text(detections_file, json.dumps(detections, indent=1) + "\n")
     return {"detections": detections_file, "images": written, "count": len(detections)}
+
+
+def read_picture(path: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The image file at ``path`` (any storage location) as an RGB PIL image; its header is checked (pixel
+    limit, 8-bit pixels) before it is decoded, as ``prepare_data`` checks a dataset's images."""
+    from gankd_ray.data.validate import image_header_problem, open_image
+
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise InferenceError(f"{path}: image not found") from None
+    except OSError as err:
+        raise InferenceError(str(err)) from None
+    try:
+        with open_image(data) as image:
+            problem = image_header_problem(image, max_pixels)
+            if not problem:
+                return image.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        raise InferenceError(f"{path}: not a readable image ({first_line(err)})") from None
+    raise InferenceError(f"{path}: {problem}")
 
 
 def draw_detections(picture, boxes: Sequence[Sequence[float]], labels: Sequence[str], scores: Sequence[float]):
@@ -361,11 +376,6 @@ def _unique_png(path: Path, used: set[str]) -> str:
 
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 __all__ = [
     "InferenceError",
     "class_names",
@@ -376,6 +386,7 @@ __all__ = [
     "load_export",
     "predict_images",
     "predict_resized",
+    "read_picture",
     "read_trials",
     "run_scripted",
     "select_trial",

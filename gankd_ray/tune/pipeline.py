@@ -239,7 +239,7 @@ def _num(value: Any) -> str:
 
 REQUEST_FILE = "search.json"
 # Options that say where and how to connect, not what to search: a resume takes them from its own command line.
-CONNECTION_OPTIONS = ("address", "dashboard_host", "storage", "name")
+CONNECTION_OPTIONS = ("address", "dashboard_host", "allow_unauthenticated_dashboard", "storage", "name")
 
 
 def save_request(plan: SearchPlan, argv: list[str]) -> None:

@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from gankd_ray.config import ConfigError, RunConfig
+from gankd_ray.config import ConfigError, RunConfig, load_yaml
+from gankd_ray.utils import SHORT_REPR_CHARS, first_line, short_repr
 
 # product key -> RunConfig dotted path
 PARAM_PATHS: dict[str, str] = {
@@ -117,10 +118,12 @@ def _suggest(trial, param: Param) -> Any:
     return trial.suggest_categorical(param.key, param.choices)
 
 
-def encode_levels(value: Any) -> str:
+def encode_levels(value: Any, where: str = "levels") -> str:
     """Optuna choices must be scalars: ``[level0, level2]`` -> ``"level0+level2"``; ``all`` stays."""
     if isinstance(value, str):
         return value
+    if not isinstance(value, list) or not all(isinstance(level, str) for level in value):
+        raise SpaceError(f"{where}: {short_repr(value)} is not 'all' or a list of level names")
     return "+".join(value)
 
 
@@ -140,14 +143,18 @@ def load_space(path: str | Path, config: RunConfig | None = None, level_names: l
     if not path.is_file():
         raise SpaceError(f"{path}: space file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpaceError(f"{path}: cannot read the space file ({first_line(err)})") from None
     except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+        raise SpaceError(f"{path}: invalid YAML: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise SpaceError(f"{path}: top level must be a mapping with 'params' (and optional 'base')")
-    unknown = sorted(set(data) - {"base", "params", "description"})
+    unknown = sorted(set(data) - {"base", "params", "description"}, key=str)
     if unknown:
-        raise SpaceError(f"{path}: unknown top-level key {unknown[0]!r} (expected base, params, description)")
+        raise SpaceError(
+            f"{path}: unknown top-level key {short_repr(unknown[0])} (expected base, params, description)"
+        )
     raw_params = data.get("params")
     if not isinstance(raw_params, dict) or not raw_params:
         raise SpaceError(f"{path}: 'params' must be a non-empty mapping")
@@ -164,28 +171,30 @@ def load_space(path: str | Path, config: RunConfig | None = None, level_names: l
 
 
 def _parse_param(path: Path, key: str, spec: Any) -> Param:
-    where = f"{path}: params.{key}"
     if key not in PARAM_PATHS:
-        raise SpaceError(f"{where}: unknown parameter (known: {', '.join(PARAM_PATHS)})")
+        # YAML keys are scalars, so str() is cheap; cut, since the key is the user's.
+        raise SpaceError(f"{path}: params.{str(key)[:SHORT_REPR_CHARS]}: unknown parameter "
+                         f"(known: {', '.join(PARAM_PATHS)})")
+    where = f"{path}: params.{key}"
     if not isinstance(spec, dict):
-        value = encode_levels(spec) if key == "levels" else spec
+        value = encode_levels(spec, where) if key == "levels" else spec
         return Param(key=key, type="fixed", value=value)
-    unknown = sorted(set(spec) - {"type", "low", "high", "log", "choices", "when", "value"})
+    unknown = sorted(set(spec) - {"type", "low", "high", "log", "choices", "when", "value"}, key=str)
     if unknown:
-        raise SpaceError(f"{where}: unknown field {unknown[0]!r}")
+        raise SpaceError(f"{where}: unknown field {short_repr(unknown[0])}")
     kind = spec.get("type")
     when = _parse_when(where, spec.get("when"))
     if kind == "fixed" or (kind is None and "value" in spec):
         value = spec.get("value")
-        return Param(key=key, type="fixed", value=encode_levels(value) if key == "levels" else value, when=when)
+        return Param(key=key, type="fixed", value=encode_levels(value, where) if key == "levels" else value, when=when)
     if kind not in PARAM_TYPES:
-        raise SpaceError(f"{where}: type {kind!r} must be one of {', '.join(PARAM_TYPES)}")
+        raise SpaceError(f"{where}: type {short_repr(kind)} must be one of {', '.join(PARAM_TYPES)}")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{where}: categorical needs a non-empty 'choices' list")
         if key == "levels":
-            choices = [encode_levels(c) for c in choices]
+            choices = [encode_levels(c, where) for c in choices]
         if any(isinstance(c, (list, dict)) for c in choices):
             raise SpaceError(f"{where}: choices must be plain values")
         return Param(key=key, type=kind, choices=choices, when=when)
@@ -194,9 +203,12 @@ def _parse_param(path: Path, key: str, spec: Any) -> Param:
         raise SpaceError(f"{where}: int range needs integer low/high, got {low}..{high}")
     if low > high or (kind != "int" and low == high):
         raise SpaceError(f"{where}: empty or inverted range low={low} high={high}")
-    if (kind == "loguniform" or spec.get("log")) and low <= 0:
+    log = spec.get("log", False)
+    if not isinstance(log, bool):  # bool("no") is True
+        raise SpaceError(f"{where}: 'log' must be true or false, got {short_repr(log)}")
+    if (kind == "loguniform" or log) and low <= 0:
         raise SpaceError(f"{where}: log range needs low > 0, got {low}")
-    return Param(key=key, type=kind, low=low, high=high, log=bool(spec.get("log", False)), when=when)
+    return Param(key=key, type=kind, low=low, high=high, log=log, when=when)
 
 
 def _number(where: str, name: str, value: Any) -> float:
@@ -206,7 +218,7 @@ def _number(where: str, name: str, value: Any) -> float:
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpaceError(f"{where}: '{name}' must be a finite number, got {value!r}")
+        raise SpaceError(f"{where}: '{name}' must be a finite number, got {short_repr(value)}")
     return float(value)
 
 
@@ -223,7 +235,9 @@ def _check_conditions(path: Path, space: SearchSpace) -> None:
     for param in space.params:
         for key in param.when:
             if key not in seen:
-                raise SpaceError(f"{path}: params.{param.key}: 'when' refers to {key!r}, which must be listed before it")
+                raise SpaceError(
+                    f"{path}: params.{param.key}: 'when' refers to {short_repr(key)}, which must be listed before it"
+                )
         seen.add(param.key)
 
 
@@ -235,7 +249,8 @@ def _check_levels(path: Path, space: SearchSpace, level_names: list[str]) -> Non
             bad = [lvl for lvl in decode_levels(choice) if lvl not in level_names]
             if bad:
                 raise SpaceError(
-                    f"{path}: params.levels: {bad[0]!r} is not a level of the detector ({', '.join(level_names)})"
+                    f"{path}: params.levels: {short_repr(bad[0])} is not a level of the detector "
+                    f"({', '.join(level_names)})"
                 )
 
 

@@ -3,8 +3,9 @@
 - Category ids are remapped to ``1..K`` in the order of the input ids; names are kept.
 - ``bbox`` ``[x, y, w, h]`` becomes xyxy; ``area`` is kept where plausible (a segmentation area is
   smaller than its box) and recomputed from the box where missing, non-positive or larger than the box.
-- ``iscrowd`` is kept (an ignore region); segmentations are not carried over (boxes only).
-- Image ids are kept; they must be unique over all split files.
+- ``iscrowd`` is kept (an ignore region); it must be 0 or 1 (or false/true): anything else is an invalid
+  annotation, never read as a truth value. Segmentations are not carried over (boxes only).
+- Image ids are kept; they must be integers (not booleans), unique over all split files and fit in 64 bits.
 
 Splits: one ``--annotations`` file is cut by ``--val-fraction``/``--test-fraction``. With split
 files (``--train-annotations`` and optionally ``--val-annotations``/``--test-annotations``), a split
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from gankd_ray.data.records import SPLITS, Annotation, DatasetError, ImageRecord, Rejections, SourceData
 from gankd_ray.data.sources import DatasetSource, register_source
 from gankd_ray.data.sources.common import add_fraction_arguments, files_digest, split_by_fraction
+from gankd_ray.utils import first_line, short_repr
 
 
 def coco_source_data(
@@ -81,8 +84,14 @@ def _read(path: Path) -> dict[str, Any]:
         document = json.loads(path.read_text())
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: invalid JSON: {err}") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a folder, not a COCO annotation file") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the annotation file ({err.strerror or first_line(err)})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: invalid JSON: nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise DatasetError(f"{path}: invalid JSON: {first_line(err)}") from None
     if not isinstance(document, dict) or not all(
         isinstance(document.get(k), list) for k in ("images", "annotations", "categories")
     ):
@@ -95,8 +104,8 @@ def _category_map(document: dict[str, Any], path: Path) -> dict[int, str]:
     categories: dict[int, str] = {}
     for category in document["categories"]:
         cat_id = category.get("id") if isinstance(category, dict) else None
-        if not isinstance(cat_id, int) or isinstance(cat_id, bool):
-            raise DatasetError(f"{path}: category {category!r} has no integer id")
+        if not _is_integer(cat_id):
+            raise DatasetError(f"{path}: category {short_repr(category)} has no integer id")
         if cat_id in categories:
             raise DatasetError(f"{path}: category {cat_id}: duplicate category id")
         categories[cat_id] = str(category.get("name", cat_id))
@@ -120,8 +129,8 @@ def _records(
     seen_annotations: set[Any] = set()
     for annotation in document["annotations"]:
         ann_id = annotation.get("id") if isinstance(annotation, dict) else None
-        where = f"{path}: annotation {ann_id}"
-        if not isinstance(ann_id, int) or isinstance(ann_id, bool):
+        where = f"{path}: annotation {short_repr(ann_id)}"
+        if not _is_integer(ann_id):
             rejections.reject("annotation", f"{where}: missing or non-integer annotation id")
             continue
         if ann_id in seen_annotations:
@@ -134,14 +143,16 @@ def _records(
 
 def _image_record(image: Any, path: Path, image_dir: Path, rejections: Rejections) -> ImageRecord | None:
     image_id = image.get("id") if isinstance(image, dict) else None
-    if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(image.get("file_name"), str):
-        rejections.reject("image", f"{path}: image {image_id}: needs an integer id and a file_name")
+    if not _is_integer(image_id) or not isinstance(image.get("file_name"), str):
+        rejections.reject("image", f"{path}: image {short_repr(image_id)}: needs an integer id and a file_name")
         return None
     width, height = image.get("width"), image.get("height")
     for name, value in (("width", width), ("height", height)):
         # An absent size is read from the image; a present one must be a whole number.
-        if value is not None and not (_is_number(value) and float(value).is_integer()):
-            rejections.reject("image", f"{path}: image {image_id}: {name} {value!r} is not an integer")
+        if value is not None and not (_is_integer(value) or (isinstance(value, float) and value.is_integer())):
+            rejections.reject(
+                "image", f"{path}: image {short_repr(image_id)}: {name} {short_repr(value)} is not an integer"
+            )
             return None
     return ImageRecord(
         image_id=image_id,
@@ -162,25 +173,30 @@ def _attach(
 ) -> None:
     """Append one COCO annotation to its image's record, or reject it."""
     image_id = annotation.get("image_id")
-    if not isinstance(image_id, int) or image_id not in records:
-        rejections.reject("annotation", f"{where}: image {image_id} is not in the file (or was rejected)")
+    # Booleans are ints to Python (True == 1): an image_id of true must not land on image 1.
+    if not _is_integer(image_id) or image_id not in records:
+        rejections.reject("annotation", f"{where}: image {short_repr(image_id)} is not in the file (or was rejected)")
         return
     category = annotation.get("category_id")
-    if category not in id_map:
-        rejections.reject("annotation", f"{where}: image {image_id}: unknown category {category}")
+    if not _is_integer(category) or category not in id_map:
+        rejections.reject("annotation", f"{where}: image {image_id}: unknown category {short_repr(category)}")
         return
     bbox = annotation.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        rejections.reject("annotation", f"{where}: image {image_id}: bbox {bbox!r} is not 4 numbers")
+        rejections.reject("annotation", f"{where}: image {image_id}: bbox {short_repr(bbox)} is not 4 numbers")
         return
-    x, y, w, h = (float(v) for v in bbox)
+    iscrowd = annotation.get("iscrowd", 0)
+    if iscrowd not in (0, 1) or not isinstance(iscrowd, (int, bool)):
+        rejections.reject("annotation", f"{where}: image {image_id}: iscrowd {short_repr(iscrowd)} must be 0 or 1")
+        return
+    x, y, w, h = (_float(v) for v in bbox)
     area = annotation.get("area")
     records[image_id].annotations.append(
         Annotation(
             box=(x, y, x + w, y + h),
             category_id=id_map[category],
-            iscrowd=bool(annotation.get("iscrowd", 0)),
-            area=float(area) if _is_number(area) else None,
+            iscrowd=bool(iscrowd),
+            area=_float(area) if _is_number(area) else None,
             source_id=annotation["id"],
         )
     )
@@ -188,6 +204,18 @@ def _attach(
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _float(value: int | float) -> float:
+    """``float(value)``, infinite for an integer too large for a float (the validator rejects it by name)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _common_root(paths: Any) -> Path:

@@ -45,10 +45,14 @@ def _share(total: int, fraction: float) -> int:
 
 
 def files_digest(paths: Sequence[Path], root: Path) -> str:
-    """sha256 over (path relative to ``root``, contents) of ``paths`` in sorted order."""
+    """sha256 over (path relative to ``root``, contents) of ``paths`` in sorted order.
+
+    Paths and ``root`` may each be relative (to the working folder) or absolute.
+    """
     total = hashlib.sha256()
+    root = root.absolute()
     for path in sorted(paths):
-        total.update(f"{path.relative_to(root).as_posix()}\n".encode())
+        total.update(f"{path.absolute().relative_to(root).as_posix()}\n".encode())
         total.update(hashlib.sha256(path.read_bytes()).digest())
     return total.hexdigest()
 

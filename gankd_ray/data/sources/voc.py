@@ -6,10 +6,13 @@ pixel edges, hence ``(xmin - 1, ymin - 1, xmax, ymax)``: a box over a whole ``W 
 ``(1, 1, W, H)`` in VOC, becomes ``(0, 0, W, H)``. Files written 0-based (``xmin = 0``) land at
 ``-1``, within the validator's 1 px tolerance, and are clipped to 0.
 
-Real files are tolerated: float coordinates, empty tags (``<difficult/>`` = 0), a missing or empty
+Real files are tolerated: float coordinates, empty tags (``<difficult/>`` = 0; otherwise 0 or 1), a missing or empty
 ``<size>`` (read from the image) and a ``<filename>`` that does not match (the XML's stem is tried).
 ``difficult`` objects become ignore regions (``iscrowd``), not positives. Image ids are ``1..N`` in
 the sorted order of the XML names; splits are drawn from them with ``--seed``.
+
+A ``<filename>`` must be a plain relative path inside ``JPEGImages/`` (no ``..``, no absolute path, no
+backslash or control character): anything else is an invalid image, never read from outside the dataset.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 from gankd_ray.data.records import Annotation, DatasetError, ImageRecord, Rejections, SourceData
 from gankd_ray.data.sources import DatasetSource, register_source
 from gankd_ray.data.sources.common import add_fraction_arguments, files_digest, split_by_fraction
+from gankd_ray.data.validate import is_plain_relative_path
+from gankd_ray.utils import short_repr
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 COORDINATES = ("xmin", "ymin", "xmax", "ymax")
@@ -41,6 +46,7 @@ class VocObject:
 class _VocFile:
     xml: Path
     image: Path
+    named: str  # the <filename> text, checked before it is used
     width: int | None
     height: int | None
     objects: list[VocObject]
@@ -74,6 +80,10 @@ def voc_source_data(
         if voc is None:
             rejections.reject("image", f"{path}: image {image_id}: unreadable annotation XML")
             continue
+        if voc.named and not is_plain_relative_path(voc.named):
+            rejections.reject("image", f"{path}: image {image_id}: <filename> {short_repr(voc.named)} must be a "
+                                       "plain relative path inside JPEGImages/")
+            continue
         records.append(_record(image_id, voc, category_ids, rejections))
     return SourceData(
         source="voc",
@@ -89,17 +99,20 @@ def _parse(xml_path: Path, root: Path) -> _VocFile | None:
         tree = ET.parse(xml_path).getroot()
     except ET.ParseError:
         return None
+    named = (tree.findtext("filename") or "").strip()
     return _VocFile(
         xml=xml_path,
-        image=_image_path(tree, xml_path, root / "JPEGImages"),
+        image=_image_path(named, xml_path, root / "JPEGImages"),
+        named=named,
         width=voc_size_field(tree, "width"),
         height=voc_size_field(tree, "height"),
         objects=[parse_voc_object(node) for node in tree.findall("object")],
     )
 
 
-def _image_path(tree: ET.Element, xml_path: Path, image_dir: Path) -> Path:
-    named = (tree.findtext("filename") or "").strip()
+def _image_path(named: str, xml_path: Path, image_dir: Path) -> Path:
+    if not is_plain_relative_path(named):
+        named = ""  # never looked at outside image_dir (the caller rejects the image)
     if named and (image_dir / named).is_file():
         return image_dir / named
     for suffix in IMAGE_SUFFIXES:
@@ -114,21 +127,24 @@ def voc_size_field(tree: ET.Element, name: str) -> int | None:
     text = (tree.findtext(f"size/{name}") or "").strip()
     try:
         return int(float(text)) if text else None
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "nan"; "inf", "1e400"
         return None
 
 
 def parse_voc_object(node: ET.Element) -> VocObject:
     """An ``<object>`` element; ``problem`` says why it is unusable (a coordinate missing or not a number)."""
     name = (node.findtext("name") or "").strip()
-    difficult = (node.findtext("difficult") or "").strip() not in ("", "0")
+    difficult_text = (node.findtext("difficult") or "").strip()
+    difficult = difficult_text == "1"
+    if difficult_text not in ("", "0", "1"):  # "no" must not become an ignore region
+        return VocObject(name, None, False, problem=f"difficult {short_repr(difficult_text)} must be 0 or 1")
     values = []
     for tag in COORDINATES:
         text = (node.findtext(f"bndbox/{tag}") or "").strip()
         try:
             values.append(float(text))
         except ValueError:
-            return VocObject(name, None, difficult, problem=f"{tag} is missing or not a number ({text!r})")
+            return VocObject(name, None, difficult, problem=f"{tag} is missing or not a number ({short_repr(text)})")
     xmin, ymin, xmax, ymax = values
     return VocObject(name, (xmin - 1, ymin - 1, xmax, ymax), difficult)
 
@@ -160,7 +176,7 @@ def _object_problem(obj: VocObject, category_ids: dict[str, int]) -> str:
     if not obj.name:
         return "object without a name"
     if obj.name not in category_ids:
-        return f"unknown class {obj.name!r}"
+        return f"unknown class {short_repr(obj.name)}"
     return ""
 
 
