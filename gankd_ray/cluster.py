@@ -1,4 +1,5 @@
-"""Connecting to Ray: an embedded local instance, or an existing cluster.
+"""Connecting to Ray (an embedded local instance, or an existing cluster), and the placement-group reaper that
+frees a dead Train controller's CPUs on any cluster, dashboard or not.
 
 Security defaults: the dashboard binds to 127.0.0.1 unless the caller asks for another host (it has no
 authentication of its own), and Ray's token authentication is left as Ray configures it (on for local
@@ -9,6 +10,7 @@ refuses it unless explicitly allowed.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -17,6 +19,16 @@ from typing import Any
 
 LOCAL_HOST = "127.0.0.1"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch: unset or "token" = token authentication on a local cluster
+
+# A resource only the head node has: actors that must outlive the loss of a worker node (trial drivers, the
+# Train controllers Ray attaches to their node, the controllers' placement-group reapers) ask a sliver of it.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+# How often a placement-group reaper asks whether its controller is alive: the delay before a stopped trial's
+# CPUs return.
+CONTROLLER_POLL_S = 1.0
+# A controller busy in a blocking call answers late; only an actor error means it is gone.
+CONTROLLER_ANSWER_TIMEOUT_S = 10.0
 
 # Ray Train polls its workers every 2 s and watches for preemption every 5 s; both delays land on every
 # run's start and end. Short searches pay them per trial, so poll faster and skip the preemption
@@ -50,10 +62,9 @@ def init_ray(
     Args:
         address: None starts an embedded local Ray; ``auto`` or ``HOST:PORT`` joins a cluster.
         num_cpus / num_gpus: local instance only.
-        dashboard: local instance only; a cluster's dashboard is the head node's. Keep it on: it serves
-            the State API, which Ray Train's placement-group cleaner polls to free the CPUs of a run whose
-            controller died (every trial ASHA stops). Without it those CPUs stay reserved and later trials
-            wait for workers until Train's 300 s start-up timeout, again and again.
+        dashboard: local instance only; a cluster's dashboard is the head node's. Runs do not need it (the
+            CPUs of a run whose controller died are freed by PlacementGroupReaper below, not by Ray Train's
+            State API cleaner); it serves the dashboard views and the State API tools.
         dashboard_host: bind address of a local dashboard.
     """
     import ray
@@ -146,3 +157,52 @@ def cluster_resources() -> dict[str, float]:
     import ray
 
     return dict(ray.cluster_resources())
+
+
+class PlacementGroupReaper:
+    """Detached async actor: removes a Train run's latest placement group once the run's controller is dead.
+
+    Ray frees a placement group that an actor created only when that actor and its whole job are gone, so the
+    group of a Train controller killed mid-run (every trial ASHA stops) stays reserved while the search lives.
+    Ray Train's own cleaner learns of the death from the State API, which needs the dashboard; this one asks
+    the controller itself, through its actor handle. Public Ray API only, and no torch import: it is a small
+    process. Started per run by gankd_ray.train.trainer.PlacementGroupReaperCallback, in the controller.
+
+    It holds the controller's handle, which keeps the controller alive: on a normal end the controller,
+    having removed its placement group, kills its reaper.
+    """
+
+    def __init__(self, controller):
+        self._controller = controller
+        self._placement_group = None
+
+    async def register(self, placement_group) -> None:
+        self._placement_group = placement_group  # a restarted worker group has a new one; Train removed the old
+
+    async def watch(self) -> None:
+        import ray
+
+        while await self._controller_alive():
+            await asyncio.sleep(CONTROLLER_POLL_S)
+        self._remove_placement_group()
+        ray.actor.exit_actor()
+
+    async def _controller_alive(self) -> bool:
+        import ray
+
+        try:
+            await asyncio.wait_for(self._controller.__ray_ready__.remote(), CONTROLLER_ANSWER_TIMEOUT_S)
+        except (asyncio.TimeoutError, ray.exceptions.ActorUnavailableError):  # busy or briefly unreachable
+            return True
+        except ray.exceptions.RayActorError:
+            return False
+        return True
+
+    def _remove_placement_group(self) -> None:
+        from ray.util.placement_group import placement_group_table, remove_placement_group
+
+        group = self._placement_group
+        if group is None or placement_group_table(group).get("state", "REMOVED") == "REMOVED":
+            return
+        logging.getLogger(__name__).info("Train controller died: removing its placement group %s", group.id.hex())
+        remove_placement_group(group)

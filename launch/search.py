@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from gankd_ray.tune.search import concurrency_limit
 
     url = init_ray(args.address, dashboard=True, dashboard_host=args.dashboard_host)
-    print(f"[gankd-ray] Ray dashboard: {url}", flush=True)
+    print(f"[gankd-ray] Ray dashboard: {url or 'none on this cluster (the search does not need one)'}", flush=True)
     try:
         concurrency_limit(plan.job, cluster_resources())
     except ValueError as err:

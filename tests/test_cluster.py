@@ -1,6 +1,8 @@
 """Multi-node operation on one machine: a Ray cluster of two raylets (``ray start --head`` plus
 ``ray start --address``), the search submitted as a Ray Job, trials spread over both nodes, and the
-second node killed mid-search: its trial restarts on the head node and the search completes."""
+second node killed mid-search: its trial restarts on the head node and the search completes. Then the
+same cluster started without a dashboard: a --smoke search, whose ASHA-stopped trials must give their
+CPUs back, completes."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 FAST = ["optim.batch_size=8", "data.loader_workers=0", "detector.backbone=mobilenet_v2_0.35"]
 # Ray's token authentication stays on: every ray CLI client and joining node presents ~/.ray/auth_token.
-ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+# The nodes' workers import gankd_ray from this checkout (as a cluster's nodes import the installed package),
+# not from wherever the virtualenv's editable install points.
+ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+# A --smoke search on two 1-CPU raylets took 2.5 min here (3.3 min with the cluster); a leaked CPU makes it hang.
+SMOKE_SEARCH_TIMEOUT_S = 480
 
 
 def _free_port() -> int:
@@ -42,29 +50,57 @@ def _nodes(dashboard: str) -> list[dict]:
     return [n for n in json.loads(proc.stdout) if n["state"] == "ALIVE"]
 
 
-@pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
-    """A head (1 CPU, dashboard on 127.0.0.1) and a second raylet (1 CPU) in its own process group."""
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    head = _ray("start", "--head", "--port", str(gcs_port), "--num-cpus", "1", "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(dashboard_port), "--disable-usage-stats")
+def _alive_node_count(gcs_address: str) -> int:
+    """From ``ray status``, which asks the GCS (it works with or without a dashboard)."""
+    proc = _ray("status", "--address", gcs_address)
+    if proc.returncode != 0:
+        return 0
+    active = proc.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return sum(1 for line in active.splitlines() if " node_" in line)
+
+
+@contextmanager
+def _two_raylets(log_dir: Path, *head_options: str):
+    """A head (1 CPU) and a second raylet (1 CPU) in its own process group; yields the GCS address and
+    the second raylet's process once both are up, and stops every Ray process of the machine after."""
+    _ray("get-auth-token", "--generate")  # ray start needs ~/.ray/auth_token; a fresh machine has none
+    gcs = f"127.0.0.1:{_free_port()}"
+    head = _ray("start", "--head", "--port", gcs.split(":")[1], "--num-cpus", "1", "--disable-usage-stats",
+                *head_options)
     assert head.returncode == 0, head.stderr[-2000:]
-    log = open(tmp_path_factory.mktemp("node2") / "raylet.log", "w")
-    worker = subprocess.Popen([RAY, "start", "--address", f"127.0.0.1:{gcs_port}", "--num-cpus", "1", "--block"],
+    log = open(log_dir / "raylet.log", "w")
+    worker = subprocess.Popen([RAY, "start", "--address", gcs, "--num-cpus", "1", "--block"],
                               stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.time() + 90
-        while len(_nodes(dashboard)) < 2:
+        while _alive_node_count(gcs) < 2:
             assert time.time() < deadline and worker.poll() is None, "the second raylet did not join"
             time.sleep(1)
-        second = next(n["node_id"] for n in _nodes(dashboard) if not n["is_head_node"])
-        yield {"dashboard": dashboard, "worker": worker, "second_node": second[:12]}
+        yield gcs, worker
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
         _ray("stop", "--force")
         log.close()
+
+
+# Function-scoped clusters: each test has its own, stopped before the next one starts.
+@pytest.fixture
+def two_node_cluster(tmp_path_factory):
+    """Two raylets, the head's dashboard on 127.0.0.1 (where the search is submitted as a Ray Job)."""
+    dashboard_port = _free_port()
+    with _two_raylets(tmp_path_factory.mktemp("node2"), "--dashboard-host", "127.0.0.1",
+                      "--dashboard-port", str(dashboard_port)) as (_, worker):
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        second = next(n["node_id"] for n in _nodes(dashboard) if not n["is_head_node"])
+        yield {"dashboard": dashboard, "worker": worker, "second_node": second[:12]}
+
+
+@pytest.fixture
+def cluster_without_dashboard(tmp_path_factory):
+    """Two raylets, the head started with ``--include-dashboard false``: no State API, no Ray Jobs."""
+    with _two_raylets(tmp_path_factory.mktemp("nodash"), "--include-dashboard", "false") as (gcs, _):
+        yield gcs
 
 
 def _brief(logs: dict[str, list[dict]]) -> dict[str, list[tuple]]:
@@ -109,3 +145,28 @@ def test_search_job_spreads_over_nodes_and_survives_losing_one(two_node_cluster,
     nodes = trials.set_index("trial_id")["node"]
     assert set(",".join(nodes).split(",")) == {second, logs[moved[0]][-1]["node"]}, nodes
     assert nodes[moved[0]] == f"{second},{logs[moved[0]][-1]['node']}", nodes
+
+
+def test_smoke_search_on_a_cluster_without_dashboard(cluster_without_dashboard, synthetic_data, untrained_teacher,
+                                                     tmp_path):
+    """Every trial ASHA stops is a killed trial driver, so a dead Train controller whose workers' placement
+    group Ray frees only when the whole job ends. Ray Train's own cleaner asks the dashboard's State API
+    whether the controller died; without a dashboard only gankd-ray's reaper frees the CPU, and without it
+    the next trials waited for workers forever (Train retries a worker start-up timeout without limit)."""
+    storage = tmp_path / "runs"
+    search = [sys.executable, str(ROOT / "launch" / "search.py"), "--address", cluster_without_dashboard,
+              "--smoke", "--data", synthetic_data, "--storage", str(storage), "--name", "nodash",
+              "--teacher", untrained_teacher, *FAST]
+    with open(tmp_path / "search.log", "w") as log:
+        proc = subprocess.Popen(search, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=tmp_path)
+        try:
+            proc.wait(timeout=SMOKE_SEARCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    output = (tmp_path / "search.log").read_text()
+    assert proc.returncode == 0, output[-4000:]
+    assert "Ray dashboard: none" in output  # the search really ran without one
+    trials = pd.read_parquet(storage / "nodash" / "trials.parquet")
+    assert set(trials["status"]) <= {"completed", "stopped_early"}, trials[["trial_id", "status", "error"]]
+    assert (trials["status"] == "stopped_early").any(), trials[["trial_id", "status", "epochs"]]

@@ -202,7 +202,7 @@ def local_ray(teacher_run):  # after the CLI run, so two Ray instances never tra
 
     from gankd_ray.cluster import init_ray
 
-    init_ray(num_cpus=2)  # as the CLIs start it (with the dashboard Ray Train's placement-group cleaner needs)
+    init_ray(num_cpus=2)  # as the CLIs start it, dashboard included (list_actors below needs its State API)
     yield
     ray.shutdown()
 
@@ -256,9 +256,10 @@ def test_gankd_from_teacher_checkpoint_files(local_ray, teacher_run, synthetic_d
     assert any(key.startswith("disc/") for key in records[-1]), sorted(records[-1])
 
 
-def test_a_run_starts_no_ray_data_actor(local_ray, synthetic_data, tmp_path):
+def test_a_run_starts_no_ray_data_actor_and_our_reaper(local_ray, synthetic_data, tmp_path):
     """Ray Train V2 starts a DatasetManager process for every run, Ray Datasets or not; GankdTorchTrainer
-    drops it (~3 s of each trial's start-up on 2 cores). Fails when a Ray upgrade moves the private hook."""
+    drops it (~3 s of each trial's start-up on 2 cores), and swaps Ray's PlacementGroupCleaner (which needs
+    the dashboard) for its own reaper. Fails when a Ray upgrade moves the private hook."""
     from ray.util.state import list_actors
 
     summary = run_training(_job("student", synthetic_data, tmp_path, "lean", 1, *TINY))
@@ -266,6 +267,7 @@ def test_a_run_starts_no_ray_data_actor(local_ray, synthetic_data, tmp_path):
     started = [actor.class_name for actor in list_actors(limit=10_000)]  # dead ones included
     assert "TrainController" in started and "RayTrainWorker" in started
     assert "DatasetManager" not in started
+    assert "PlacementGroupReaper" in started and "PlacementGroupCleaner" not in started
 
 
 def _train_workers() -> list:
@@ -320,8 +322,9 @@ def _processes(marker: str) -> list:
 
 def test_a_run_whose_controller_dies_gives_its_cpus_back(local_ray, synthetic_data, tmp_path):
     """What happens to every trial ASHA stops: Tune kills the trial's driver, so its Train controller dies
-    mid-run. Ray Train's placement-group cleaner must then free the workers' CPUs (it needs the State API,
-    i.e. the dashboard); when it could not, the next trials waited for workers until they timed out."""
+    mid-run, and Ray keeps the workers' placement group while the job lives. gankd-ray's placement-group
+    reaper must then free the workers' CPUs (Ray's own cleaner, which it replaces, needs the dashboard);
+    when nothing did, the next trials waited for workers until they timed out."""
     import ray
 
     job = _job("student", synthetic_data, tmp_path, "orphaned", 6, *TINY, "optim.batch_size=2")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gankd_ray import storage
+from gankd_ray.cluster import HEAD_NODE_RESOURCE
 from gankd_ray.config import RunConfig
 from gankd_ray.train.run import TrainJob
 from gankd_ray.tune.space import SearchSpace
@@ -29,7 +30,6 @@ TRIALS_DIR = "trials"
 # Tune refuses an empty request, hence a token amount of memory. Drivers (and the Train controllers Ray
 # attaches to their node) live on the head node, so losing a worker node costs its trials a worker
 # restart from their last checkpoint (Train's FailureConfig), not the trial.
-HEAD_NODE_RESOURCE = "node:__internal_head__"
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20, HEAD_NODE_RESOURCE: 0.001}
 
 
