@@ -18,7 +18,14 @@ install: $(STAMP)
 demo: install
 	$(PY) launch/search.py
 
-test: install
+# tests/test_monitoring.py loads the Ray dashboard in a real headless browser: Debian's chromium.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+test: install $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
