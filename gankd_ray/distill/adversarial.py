@@ -109,7 +109,10 @@ def gradient_penalty(scores: Tensor, inputs: Tensor) -> Tensor:
         Scalar tensor.
     """
     (grad,) = torch.autograd.grad(scores.mean(dim=1).sum(), inputs, create_graph=True)
-    return (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
+    # In float32 with a floor under the squared norm: the norm's own gradient is 0/0 where a sample's input
+    # gradient vanishes, which bf16 activations make likely (seen as a non-finite critic gradient norm).
+    squared = grad.float().flatten(1).pow(2).sum(dim=1)
+    return (squared.clamp_min(1e-12).sqrt() - 1.0).pow(2).mean()
 
 
 def diagnostics(kind: str, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
