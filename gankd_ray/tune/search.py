@@ -213,9 +213,7 @@ def _trainable(job: SearchJob):
     return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, job=job), DRIVER_RESOURCES)
 
 
-def _optuna_storage(url: str | None):
-    if not url:
-        return None
-    import optuna
+def _optuna_storage(value: str | None):
+    from gankd_ray.tune.optuna_storage import open_storage
 
-    return optuna.storages.RDBStorage(url)
+    return open_storage(value)  # pickled by Tune without the URL's password (see optuna_storage.py)
