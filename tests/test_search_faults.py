@@ -38,8 +38,9 @@ def search(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedPro
 def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, untrained_teacher, tmp_path):
     space = tmp_path / "faulty.yaml"
     space.write_text(FAULTY_SPACE)
-    proc = search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "faults",
-                  "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "4",
+    # file:// URIs for every location (a search must take them as it takes paths).
+    proc = search("--data", f"file://{synthetic_data}", "--storage", f"file://{tmp_path}/runs", "--name", "faults",
+                  "--teacher", f"file://{untrained_teacher}", "--space", str(space), "--num-samples", "4",
                   "--max-epochs", "2", "--seed", "4", "--scheduler", "fifo", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "runs" / "faults" / "trials.parquet")
