@@ -45,7 +45,7 @@ from gankd_ray.data.reader import read_dataset_info, read_split
 from gankd_ray.data.sources.synthetic import SyntheticSpec
 from gankd_ray.train.checkpoint import CheckpointError, load_detector
 from gankd_ray.train.loop import WorkerContext, evaluate, seed_everything, train_one_epoch
-from gankd_ray.utils import atomic_write_json, machine_description
+from gankd_ray.utils import machine_description, write_benchmark_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrate.json"
 DEFAULT_CACHE = Path("/tmp/gankd_calibrate")
@@ -191,7 +191,7 @@ def save_result(path: Path, label: str, entry: dict[str, Any]) -> None:
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     results["machine"] = machine_description()
     results["runs"][label] = entry
-    atomic_write_json(path, results)
+    write_benchmark_json(path, results)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from gankd_ray.config import RunConfig  # noqa: E402
 from gankd_ray.tune.search import default_grace_period  # noqa: E402
-from gankd_ray.utils import atomic_write_json, machine_description  # noqa: E402
+from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "kd_effect.json"
 PAPER_SPACE = ROOT / "search_spaces" / "paper.yaml"
@@ -202,7 +202,7 @@ def write_report(path: Path, dataset: str, result: dict[str, Any]) -> None:
     """Add (or replace) one dataset's result in the results file, so datasets can be run one at a time."""
     report = json.loads(path.read_text()) if path.exists() else {}
     datasets = {**report.get("datasets", {}), dataset: result}
-    atomic_write_json(path, {"benchmark": "kd_effect", "date": result["date"], "machine": machine_description(),
+    write_benchmark_json(path, {"benchmark": "kd_effect", "date": result["date"], "machine": machine_description(),
                              "split": "test", "datasets": datasets})
 
 

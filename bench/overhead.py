@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gankd_ray.config import RunConfig  # noqa: E402
-from gankd_ray.utils import atomic_write_json, machine_description  # noqa: E402
+from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "overhead.json"
 GOALS = {"trial_overhead_share": ("<=", 0.10), "loader_over_consumption": (">=", 3.0), "eval_share": ("<=", 0.10)}
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "overhead", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_description(), "experiment": str(experiment),
               "search_args": args.search_args, **figures}
-    atomic_write_json(args.out, result)
+    write_benchmark_json(args.out, result)
     for key in ("trial_overhead_share", "ray_startup_s_mean", "worker_setup_s_mean", "trial_wall_s_mean",
                 "loader_over_consumption", "eval_share"):
         print(f"{key:>24}: {figures[key]:.3f}")

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gankd_ray.tune.search import default_grace_period  # noqa: E402
-from gankd_ray.utils import atomic_write_json, machine_description  # noqa: E402
+from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "search_efficiency.json"
 
@@ -203,7 +203,7 @@ def load_runs(path: Path) -> dict[str, dict]:
 def write_result(path: Path, entry: dict) -> None:
     """This run's figures at the top (the issue's keys), every run so far under ``runs``."""
     runs = {**load_runs(path), run_key(entry["settings"]): entry}
-    atomic_write_json(path, {"benchmark": "search_efficiency", "machine": machine_description(), **entry,
+    write_benchmark_json(path, {"benchmark": "search_efficiency", "machine": machine_description(), **entry,
                              "runs": runs})
 
 

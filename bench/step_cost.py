@@ -29,7 +29,7 @@ import torch
 from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig
 from gankd_ray.distill import TrainStep, adversarial, build_step
 from gankd_ray.models import build_detector
-from gankd_ray.utils import atomic_write_json, machine_description
+from gankd_ray.utils import machine_description, write_benchmark_json
 
 GOAL = 1.10
 RESULTS = Path(__file__).resolve().parent / "results" / "step_cost.json"
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": GOAL,
         "measure_wall_seconds": time.perf_counter() - started,
     }
-    atomic_write_json(args.out, result)
+    write_benchmark_json(args.out, result)
     print(
         f"full step {medians['full_step'] * 1e3:.1f} ms; parts: teacher {medians['teacher_forward'] * 1e3:.1f}, "
         f"student {medians['student_step'] * 1e3:.1f}, disc {medians['disc_step'] * 1e3:.1f} ms; "

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_cost import QUICK, random_batch  # noqa: E402
 
 from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig  # noqa: E402
-from gankd_ray.utils import atomic_write_json, machine_description  # noqa: E402
+from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_overhead.json"
 GOAL = 1.05
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit_to_first_step_s": ray_result["fit_to_first_step_s"],
         "fit_total_s": ray_result["fit_total_s"],
     }
-    atomic_write_json(args.out, result)
+    write_benchmark_json(args.out, result)
     print(f"plain {plain['step_s']:.3f} s/step, in Ray Train {ray_result['step_s']:.3f} s/step: "
           f"ray_over_plain {ratio:.3f} (goal <= {GOAL}); fit() -> first step {ray_result['fit_to_first_step_s']:.1f} s")
     print(f"wrote {args.out}")

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gankd_ray.utils import atomic_write_json, machine_description  # noqa: E402
+from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "trial_startup.json"
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "trial_startup", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_description(), "busy_core": not args.idle, **figures,
               "gankd_over_stock": figures["gankd"]["startup_s_mean"] / figures["stock"]["startup_s_mean"]}
-    atomic_write_json(args.out, result)
+    write_benchmark_json(args.out, result)
     print(f"gankd_over_stock: {result['gankd_over_stock']:.2f}\n[bench] wrote {args.out}")
     return 0
 

@@ -34,6 +34,27 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(data: Any, root: Path = REPO_ROOT) -> Any:
+    """``data`` (JSON-like) with every string that is a path under ``root`` made relative to it, so results
+    files name no machine's folders."""
+    prefix = str(root).rstrip("/") + "/"
+    if isinstance(data, str):
+        return data[len(prefix):] if data.startswith(prefix) else data
+    if isinstance(data, dict):
+        return {key: repo_relative(value, root) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [repo_relative(value, root) for value in data]
+    return data
+
+
+def write_benchmark_json(path: str | Path, data: Any) -> Path:
+    """A benchmark's results file: paths under the repository relative to it, written atomically."""
+    return atomic_write_json(path, repo_relative(data))
+
+
 def machine_description() -> dict[str, Any]:
     """What benchmarks record about where they ran."""
     import torch

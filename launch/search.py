@@ -48,10 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optuna-storage", help="Optuna RDB URL (e.g. sqlite:///study.db) to persist the study")
+    p.add_argument("--optuna-storage",
+                   help="Optuna RDB URL to persist the study (e.g. sqlite:///study.db); a URL with a password is "
+                        "better given as env:NAME (an environment variable) or file:PATH (a secret file)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted experiment --name in --storage with the options it was started with")
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray Train's INFO logs (every reported result, every checkpoint) on the console")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="bind address of a local Ray dashboard; beyond loopback it needs Ray's token authentication")
     p.add_argument("--allow-unauthenticated-dashboard", action="store_true",
@@ -98,8 +102,18 @@ def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
         setattr(saved, option, request.anchored(getattr(saved, option)))
     for option in pipeline.CONNECTION_OPTIONS:
         setattr(saved, option, getattr(args, option))
+    if args.optuna_storage is not None:  # a saved literal URL lost its password: the resume command gives it
+        saved.optuna_storage = args.optuna_storage
     saved.resume = True
     return saved
+
+
+def warn_visible_password(value: str | None) -> None:
+    from gankd_ray.tune.optuna_storage import has_password, is_reference
+
+    if value and not is_reference(value) and has_password(value):
+        print("[gankd-ray] warning: the password in --optuna-storage is visible to other users (ps, the dashboard's "
+              "job view); it is never saved, but pass it as env:NAME or file:PATH instead", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    warn_visible_password(args.optuna_storage)
     import ray
 
     from gankd_ray.cluster import cluster_resources, init_ray

@@ -124,6 +124,28 @@ def write_files(**files: str | bytes) -> Setup:
     return setup
 
 
+def saved_search(argv: tuple[str, ...] = (), mode: int | None = None, owner: int | None = None) -> Setup:
+    """A search experiment at ``work/runs/bad`` as ``--resume`` finds it (``search.json`` + Tune's pickle), then
+    the pickle's mode or owner changed."""
+
+    def setup(work: Path, inputs: dict[str, str]) -> None:
+        folder = work / "runs" / "bad"
+        (folder / "tune").mkdir(parents=True)
+        saved = {"argv": ["--data", inputs["data"], "--teacher", inputs["teacher"], *argv], "cwd": str(work)}
+        (folder / "search.json").write_text(json.dumps(saved))
+        pickle = folder / "tune" / "tuner.pkl"
+        pickle.write_bytes(b"never unpickled by a refused resume")
+        if mode is not None:
+            pickle.chmod(mode)
+        if owner is not None:
+            os.chown(pickle, owner, owner)  # the suite runs as root (CI too)
+
+    return setup
+
+
+RESUME = ("--storage", "{work}/runs", "--name", "bad", "--resume")
+
+
 def both(*setups: Setup) -> Setup:
     def setup(work: Path, inputs: dict[str, str]) -> None:
         for one in setups:
@@ -256,6 +278,23 @@ CASES: dict[str, Case] = {
         "search", search("--config", "{work}/run.yaml"), ("optim.lr=-0.001",),
         write_file("run.yaml", "optim: {lr: -0.001}\n")),
     "--resume of an unknown name": Case("search", search("--name", "nope", "--resume"), ("--resume", "'nope'")),
+    "--resume from a folder others may write": Case(
+        "search", RESUME, ("--resume", "{work}/runs/bad/tune/tuner.pkl", "writable by others", "refused"),
+        saved_search(mode=0o666)),
+    "--resume from another user's folder": Case(
+        "search", RESUME, ("--resume", "tuner.pkl", "belongs to uid 4242", "refused"), saved_search(owner=4242)),
+    "--resume of a search whose Optuna password was not saved": Case(
+        "search", RESUME, ("--optuna-storage postgresql://gankd:***@db.example/study", "give --optuna-storage again"),
+        saved_search(("--optuna-storage", "postgresql://gankd:***@db.example/study"))),
+    "--optuna-storage env: of an unset variable": Case(
+        "search", search("--optuna-storage", "env:GANKD_TEST_UNSET_DB"),
+        ("--optuna-storage env:GANKD_TEST_UNSET_DB", "GANKD_TEST_UNSET_DB is not set")),
+    "--optuna-storage file: that does not exist": Case(
+        "search", search("--optuna-storage", "file:{work}/db-url.txt"), ("--optuna-storage file:", "cannot read")),
+    "--optuna-storage env: holding no URL": Case(
+        "search", search("--optuna-storage", "env:GANKD_TEST_DB"), ("--optuna-storage env:GANKD_TEST_DB",
+                                                                   "not a database URL"),
+        env=(("GANKD_TEST_DB", "only-a-password"),)),
     "storage under a file": Case(
         "search", search("--storage", "{work}/afile/runs"), ("--storage", "{work}/afile is not a folder"),
         write_file("afile", "not a folder")),

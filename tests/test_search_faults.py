@@ -38,8 +38,9 @@ def search(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedPro
 def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, untrained_teacher, tmp_path):
     space = tmp_path / "faulty.yaml"
     space.write_text(FAULTY_SPACE)
-    proc = search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "faults",
-                  "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "4",
+    # file:// URIs for every location (a search must take them as it takes paths).
+    proc = search("--data", f"file://{synthetic_data}", "--storage", f"file://{tmp_path}/runs", "--name", "faults",
+                  "--teacher", f"file://{untrained_teacher}", "--space", str(space), "--num-samples", "4",
                   "--max-epochs", "2", "--seed", "4", "--scheduler", "fifo", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "runs" / "faults" / "trials.parquet")
@@ -85,16 +86,29 @@ def _kill_when_one_trial_finished(proc: subprocess.Popen, trials_dir: Path, time
 def test_killed_search_resumes_without_rerunning_finished_trials(synthetic_data, untrained_teacher, tmp_path):
     storage = tmp_path / "runs"
     trials_dir = storage / "resume" / "trials"
+    # The Optuna study in a database named by reference: its URL (here a path standing in for a password) must
+    # reach no file of the experiment, Tune's pickles included, and the resume must find the study again.
+    secret = "s3cret-db-location"
+    (tmp_path / secret).mkdir()
+    env = {**os.environ, "GANKD_STUDY_DB": f"sqlite:///{tmp_path / secret}/study.db"}
     args = ["--data", synthetic_data, "--storage", str(storage), "--name", "resume", "--teacher", untrained_teacher,
-            "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2", *FAST]
+            "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2",
+            "--optuna-storage", "env:GANKD_STUDY_DB", *FAST]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([*SEARCH, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 start_new_session=True)
+                                 start_new_session=True, env=env)
         finished_before = _kill_when_one_trial_finished(first, trials_dir, timeout=400)
     assert not (storage / "resume" / "trials.parquet").exists()
 
-    proc = search("--storage", str(storage), "--name", "resume", "--resume")
+    proc = search("--storage", str(storage), "--name", "resume", "--resume", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    leaks = [p for p in (storage / "resume").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaks, f"the Optuna storage URL was written to {leaks}"
+    assert "env:GANKD_STUDY_DB" in (storage / "resume" / "search.json").read_text()
+    import optuna
+
+    study = optuna.load_study(study_name="resume", storage=env["GANKD_STUDY_DB"])
+    assert len([t for t in study.trials if t.state.is_finished()]) >= 2, study.trials  # reconnected on resume
     assert "resuming the search" in proc.stdout
     trials = pd.read_parquet(storage / "resume" / "trials.parquet")
     assert len(trials) == 4 and trials["trial_id"].is_unique, trials

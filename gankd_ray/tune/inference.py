@@ -53,12 +53,7 @@ def read_trials(experiment_dir: str) -> Any:
     import pandas as pd
 
     path = storage.join(storage.normalize_uri(experiment_dir), "trials.parquet")
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise InferenceError(f"{path}: not found (not a finished search experiment directory)") from None
-    except OSError as err:
-        raise InferenceError(str(err)) from None
+    data = _read_input(path, "not found (not a finished search experiment directory)")
     try:
         return pd.read_parquet(io.BytesIO(data))
     except Exception as err:  # noqa: BLE001 - any unreadable table is a user error here
@@ -288,12 +283,7 @@ def read_picture(path: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     limit, 8-bit pixels) before it is decoded, as ``prepare_data`` checks a dataset's images."""
     from gankd_ray.data.validate import image_header_problem, open_image
 
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise InferenceError(f"{path}: image not found") from None
-    except OSError as err:
-        raise InferenceError(str(err)) from None
+    data = _read_input(path, "image not found")
     try:
         with open_image(data) as image:
             problem = image_header_problem(image, max_pixels)
@@ -352,6 +342,16 @@ def dataset_classes(path: str | None) -> list[str] | None:
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     """NaN -> None so the line is valid JSON."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def _read_input(path: str, missing: str) -> bytes:
+    """The file at ``path`` (any storage location); ``InferenceError`` saying ``missing`` when it is absent."""
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        raise InferenceError(f"{path}: {missing}") from None
+    except OSError as err:
+        raise InferenceError(str(err)) from None
 
 
 def _to_tensor(picture) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def plan_search(args) -> SearchPlan:
     base.optim.epochs = args.max_epochs
     if not 1 <= args.grace_period <= args.max_epochs:
         raise InputError(f"--grace-period {args.grace_period}: must be between 1 and --max-epochs ({args.max_epochs})")
+    _check_optuna_storage(args.optuna_storage)
     from gankd_ray.models import level_names_for
 
     try:
@@ -62,14 +64,14 @@ def plan_search(args) -> SearchPlan:
     except SpaceError as err:
         raise InputError(str(err)) from None
     experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
-    resources = dict(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+    run_options = dict(verbose=args.verbose, workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
                      gpus_per_worker=args.gpus_per_worker)
     baseline_cfg = _copy(base, "student")
-    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **resources))
+    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **run_options))
     teacher_job = None
     if args.teacher is not None:  # check the given teacher against data and student now
         resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
-                             name="baseline", teacher=args.teacher, **resources))
+                             name="baseline", teacher=args.teacher, **run_options))
         teacher_path = args.teacher
     else:  # last: the ImageNet weights may be fetched, which only valid input should cost
         teacher_cfg = _copy(base, "teacher")
@@ -77,16 +79,30 @@ def plan_search(args) -> SearchPlan:
                                                   "detector.weights": teacher_weights(args.teacher_weights),
                                                   "optim.epochs": args.teacher_epochs})
         teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=args.storage, name=f"{args.name}-teacher",
-                                           **resources))
+                                           **run_options))
         teacher_path = storage.join(teacher_job.run_dir, "best")
     job = SearchJob(
         base=baseline.config, space=space, storage=args.storage, name=args.name, teacher=teacher_path,
         num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, seed=args.seed,
-        optuna_storage=args.optuna_storage, scheduler=args.scheduler,
+        optuna_storage=args.optuna_storage, scheduler=args.scheduler, verbose=args.verbose,
     )
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=args.resume)
+
+
+def _check_optuna_storage(value: str | None) -> None:
+    """A reference that resolves and a URL Optuna can use, before Ray (no connection is made here)."""
+    if not value:
+        return
+    from gankd_ray.tune.optuna_storage import OptunaStorageError, redact, resolve
+
+    try:
+        url = resolve(value)
+    except OptunaStorageError as err:
+        raise InputError(str(err)) from None
+    if "://" not in url:
+        raise InputError(f"--optuna-storage {redact(value)}: not a database URL (e.g. sqlite:///study.db)")
 
 
 def teacher_weights(choice: str) -> str | None:
@@ -238,14 +254,47 @@ def _num(value: Any) -> str:
 
 
 REQUEST_FILE = "search.json"
-# Options that say where and how to connect, not what to search: a resume takes them from its own command line.
-CONNECTION_OPTIONS = ("address", "dashboard_host", "allow_unauthenticated_dashboard", "storage", "name")
+# Options that say where and how to connect (and what the console shows), not what to search: a resume takes them
+# from its own command line.
+CONNECTION_OPTIONS = ("address", "dashboard_host", "allow_unauthenticated_dashboard", "storage", "name", "verbose")
 
 
 def save_request(plan: SearchPlan, argv: list[str]) -> None:
     """Keep the command line so ``--resume`` continues the same search from ``--storage``/``--name`` alone."""
     path = storage.join(plan.job.experiment_dir, REQUEST_FILE)
-    storage.write_text(path, json.dumps({"argv": argv, "cwd": str(Path.cwd())}, indent=2))
+    storage.write_text(path, json.dumps({"argv": redacted_argv(argv), "cwd": str(Path.cwd())}, indent=2))
+
+
+def redacted_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the password of a literal ``--optuna-storage`` URL replaced by ``***``."""
+    from gankd_ray.tune.optuna_storage import redact
+
+    out: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg.startswith("--optuna-storage="):
+            arg = "--optuna-storage=" + redact(arg.split("=", 1)[1])
+        elif index and argv[index - 1] == "--optuna-storage":
+            arg = redact(arg)
+        out.append(arg)
+    return out
+
+
+def check_trusted_experiment(experiment_dir: str) -> None:
+    """``--resume`` unpickles Tune's experiment and searcher state from the experiment folder, and unpickling
+    can run code: refuse a local folder (or any file in it) that another user owns or that group or others
+    may write. Object storage has no owners to check: there, write access to the experiment's prefix is trust
+    (README)."""
+    if not storage.is_local(experiment_dir):
+        return
+    root = storage.local_path(experiment_dir)
+    for path in [root, *root.rglob("*")]:
+        status = path.lstat()
+        if status.st_uid != os.getuid():
+            raise InputError(f"--resume: {path} belongs to uid {status.st_uid}, not to you (uid {os.getuid()}); "
+                             "resuming unpickles state from this folder, which can run code: refused")
+        if status.st_mode & 0o022 and not path.is_symlink():
+            raise InputError(f"--resume: {path} is writable by others (mode {status.st_mode & 0o777:o}); resuming "
+                             "unpickles state from this folder, which can run code: refused (chmod go-w it)")
 
 
 @dataclass(frozen=True)
@@ -264,9 +313,11 @@ class SavedRequest:
 
 def saved_request(storage_uri: str, name: str) -> SavedRequest:
     """What an experiment was started with; ``InputError`` when there is no such experiment."""
-    path = storage.join(storage.normalize_uri(storage_uri), name, REQUEST_FILE)
+    experiment_dir = storage.join(storage.normalize_uri(storage_uri), name)
+    path = storage.join(experiment_dir, REQUEST_FILE)
     if not storage.exists(path):
         raise InputError(f"--resume: no experiment named {name!r} in {storage_uri} ({path} is missing)")
+    check_trusted_experiment(experiment_dir)
     try:
         saved = json.loads(storage.read_text(path))
         argv, cwd = saved["argv"], saved.get("cwd")

@@ -60,6 +60,7 @@ class SearchJob:
     optuna_storage: str | None = None
     max_concurrent: int | None = None
     scheduler: str = "asha"  # or "fifo": every trial runs max_epochs (benchmarks compare the two)
+    verbose: bool = False  # Ray Train's INFO logs on the console (see TrainJob.verbose)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -122,6 +123,7 @@ def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
         gpus_per_worker=job.gpus_per_worker,
         teacher=job.teacher,
         max_failures=job.max_failures,
+        verbose=job.verbose,
         extra={"report_extra": {"trial_id": trial_id, "trial_started": time.time()}, **job.extra},
     )
     finished = finished_run(train_job.run_dir)
@@ -213,9 +215,7 @@ def _trainable(job: SearchJob):
     return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, job=job), DRIVER_RESOURCES)
 
 
-def _optuna_storage(url: str | None):
-    if not url:
-        return None
-    import optuna
+def _optuna_storage(value: str | None):
+    from gankd_ray.tune.optuna_storage import open_storage
 
-    return optuna.storages.RDBStorage(url)
+    return open_storage(value)  # pickled by Tune without the URL's password (see optuna_storage.py)
