@@ -54,8 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted experiment --name in --storage with the options it was started with")
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray Train's INFO logs (every reported result, every checkpoint) on the console")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="bind address of a local Ray dashboard; beyond loopback it needs Ray's token authentication")
     p.add_argument("--allow-unauthenticated-dashboard", action="store_true",

@@ -36,8 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     parser.add_argument("--storage", default="runs", help="where runs live (folder or URI)")
     parser.add_argument("--name", required=True, help="run name; reusing it resumes the run")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray Train's INFO logs (every reported result, every checkpoint) on the console")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. distill.adv_weight=0.1")
     return parser.parse_args(argv)
 
@@ -58,7 +56,6 @@ def build_job(args: argparse.Namespace) -> TrainJob:
         gpus_per_worker=args.gpus_per_worker,
         teacher=args.teacher,
         max_failures=args.max_failures,
-        verbose=args.verbose,
     )
     return resolve_job(job)
 

@@ -54,9 +54,6 @@ def test_smoke_search_tables(smoke_search):
     for trial_id, seen in per_trial.items():  # every epoch reported once, in order
         assert seen == list(range(1, len(seen) + 1)), (trial_id, seen)
     assert "Ray dashboard: http://127.0.0.1:" in proc.stdout
-    # Ray Train's INFO chatter (each result dict, each checkpoint) stays off the console without --verbose.
-    console = proc.stdout + proc.stderr
-    assert "Reporting training result" not in console and "Checkpoint successfully created" not in console
     assert "baseline student (no KD)" in proc.stdout and "best GAN-KD trial" in proc.stdout
 
 

@@ -47,7 +47,6 @@ class TrainJob:
     gpus_per_worker: float = 0.0
     teacher: str | None = None
     max_failures: int = 2
-    verbose: bool = False  # Ray Train's INFO chatter (every result dict, every checkpoint) on the console
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -173,9 +172,6 @@ def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
             name=job.name,
             storage_path=job.storage,
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-            # Ray Train logs each report's whole metrics dict and each checkpoint at INFO: kept in Ray's log
-            # files (its system logs take every level) and off the console unless asked for.
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if job.verbose else "WARNING"),
             # Keep the best checkpoint by val mAP; Ray always keeps the latest one too (for resume).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="map", checkpoint_score_order="max"

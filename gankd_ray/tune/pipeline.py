@@ -64,14 +64,14 @@ def plan_search(args) -> SearchPlan:
     except SpaceError as err:
         raise InputError(str(err)) from None
     experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
-    run_options = dict(verbose=args.verbose, workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+    resources = dict(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
                      gpus_per_worker=args.gpus_per_worker)
     baseline_cfg = _copy(base, "student")
-    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **run_options))
+    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **resources))
     teacher_job = None
     if args.teacher is not None:  # check the given teacher against data and student now
         resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
-                             name="baseline", teacher=args.teacher, **run_options))
+                             name="baseline", teacher=args.teacher, **resources))
         teacher_path = args.teacher
     else:  # last: the ImageNet weights may be fetched, which only valid input should cost
         teacher_cfg = _copy(base, "teacher")
@@ -79,14 +79,14 @@ def plan_search(args) -> SearchPlan:
                                                   "detector.weights": teacher_weights(args.teacher_weights),
                                                   "optim.epochs": args.teacher_epochs})
         teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=args.storage, name=f"{args.name}-teacher",
-                                           **run_options))
+                                           **resources))
         teacher_path = storage.join(teacher_job.run_dir, "best")
     job = SearchJob(
         base=baseline.config, space=space, storage=args.storage, name=args.name, teacher=teacher_path,
         num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, seed=args.seed,
-        optuna_storage=args.optuna_storage, scheduler=args.scheduler, verbose=args.verbose,
+        optuna_storage=args.optuna_storage, scheduler=args.scheduler,
     )
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=args.resume)
 
@@ -254,9 +254,8 @@ def _num(value: Any) -> str:
 
 
 REQUEST_FILE = "search.json"
-# Options that say where and how to connect (and what the console shows), not what to search: a resume takes them
-# from its own command line.
-CONNECTION_OPTIONS = ("address", "dashboard_host", "allow_unauthenticated_dashboard", "storage", "name", "verbose")
+# Options that say where and how to connect, not what to search: a resume takes them from its own command line.
+CONNECTION_OPTIONS = ("address", "dashboard_host", "allow_unauthenticated_dashboard", "storage", "name")
 
 
 def save_request(plan: SearchPlan, argv: list[str]) -> None:

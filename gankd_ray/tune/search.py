@@ -60,7 +60,6 @@ class SearchJob:
     optuna_storage: str | None = None
     max_concurrent: int | None = None
     scheduler: str = "asha"  # or "fifo": every trial runs max_epochs (benchmarks compare the two)
-    verbose: bool = False  # Ray Train's INFO logs on the console (see TrainJob.verbose)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,7 +122,6 @@ def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
         gpus_per_worker=job.gpus_per_worker,
         teacher=job.teacher,
         max_failures=job.max_failures,
-        verbose=job.verbose,
         extra={"report_extra": {"trial_id": trial_id, "trial_started": time.time()}, **job.extra},
     )
     finished = finished_run(train_job.run_dir)
