@@ -8,9 +8,11 @@ Parts:
    - ``teacher_forward``: the GAN-KD step's frozen teacher (eval, no_grad; the feature levels it distills);
    - ``student_step``: ``TrainStep.train_step`` of role ``student`` (no KD: what the baseline trains);
    - ``gankd_step``: ``TrainStep.train_step`` of role ``gankd`` with the default distill settings.
-   bf16 is ``optim.bf16=true``, which the step applies to its own autocast regions on CUDA. The product never
-   autocasts on a CPU, so ``--device cpu`` points those same regions at CPU bf16: the smoke run takes the bf16
-   code path, and its figures say nothing about a GPU.
+   bf16 is ``optim.bf16=true``, which the step applies to its own autocast regions on CUDA only. On a CPU it is
+   recorded as skipped (``bf16_skipped``): forcing those regions to CPU bf16 gave non-finite, non-reproducible
+   critic gradients in the GAN-KD step (torch 2.14.1 on a 2-core AMX CPU), so CPU bf16 figures would mean nothing.
+   A part whose step diverges (non-finite loss on the repeated random batch) is reported with ``diverged``
+   instead of images/s; the other parts still run.
 2. ``ddp``: a short GAN-KD Ray Train run (``TrainJob``: one worker per GPU over nccl; on CPU two gloo workers) on
    generated synthetic data; images/s (all ranks) of its last epoch, from its ``metrics.jsonl``.
 3. ``search``: ``launch/search.py`` with 2 trials of a few epochs (its no-KD baseline included) on the same data
@@ -26,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import functools
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from step_cost import NUM_CLASSES, measure, random_batch  # noqa: E402
 
 from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig  # noqa: E402
-from gankd_ray.distill import TrainStep, build_step  # noqa: E402
+from gankd_ray.distill import Diverged, TrainStep, build_step  # noqa: E402
 from gankd_ray.models import build_detector  # noqa: E402
 from gankd_ray.tune.pipeline import TEACHER_BACKBONE  # noqa: E402
 from gankd_ray.utils import atomic_write_json, first_line, machine_description  # noqa: E402
@@ -115,16 +117,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # 1. per-process throughput
 
 
+CPU_BF16_SKIPPED = ("optim.bf16 is CUDA-only in the product, and CPU bf16 autocast of the GAN-KD step gave non-finite, "
+                    "non-reproducible critic gradients (see the module docstring)")
+
+
 def bf16_unavailable(device: torch.device) -> str | None:
-    """Why bf16 autocast cannot run here, or None."""
-    if device.type == "cuda":
-        return None if torch.cuda.is_bf16_supported() else f"{torch.cuda.get_device_name(device)} has no bf16"
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.nn.functional.conv2d(torch.rand(1, 3, 8, 8), torch.rand(4, 3, 3, 3))
-    except RuntimeError as err:
-        return f"CPU bf16 autocast failed: {first_line(err)}"
-    return None
+    """Why bf16 is not measured here, or None."""
+    if device.type != "cuda":
+        return CPU_BF16_SKIPPED
+    return None if torch.cuda.is_bf16_supported() else f"{torch.cuda.get_device_name(device)} has no bf16"
 
 
 def throughput_config(preset: Preset, size: int, bf16: bool) -> RunConfig:
@@ -141,12 +142,8 @@ def build_steps(preset: Preset, size: int, bf16: bool, device: torch.device) -> 
     cfg = throughput_config(preset, size, bf16)
     torch.manual_seed(cfg.seed)
     student_cfg = RunConfig.from_dict({**cfg.to_dict(), "role": "student"})
-    steps = {"gankd": build_step(cfg, build_detector(cfg.teacher), device),
-             "student": build_step(student_cfg, device=device)}
-    if bf16 and device.type != "cuda":
-        for step in steps.values():  # the step's own autocast regions, on CPU (see the module docstring)
-            step.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    return steps
+    return {"gankd": build_step(cfg, build_detector(cfg.teacher), device),
+            "student": build_step(student_cfg, device=device)}
 
 
 def part_runners(steps: dict[str, TrainStep], images: torch.Tensor, targets: list[dict]) -> dict[str, Any]:
@@ -163,19 +160,36 @@ def part_runners(steps: dict[str, TrainStep], images: torch.Tensor, targets: lis
     }
 
 
+def guarded(run: Callable[[], Any], key: tuple[str, str], diverged: dict[tuple[str, str], str]) -> Callable[[], None]:
+    """``run`` until its step diverges once; after that a no-op, and ``diverged[key]`` says why."""
+    def call() -> None:
+        if key in diverged:
+            return
+        try:
+            run()
+        except Diverged as err:
+            diverged[key] = first_line(err)
+
+    return call
+
+
 def throughput_at(preset: Preset, size: int, amps: list[str], device: torch.device) -> list[dict[str, Any]]:
     """Every (part, amp) at one size, timed round-robin in one ``measure``."""
     images, targets = random_batch(preset.batch, size, device)
-    runners = {}
+    runners, diverged = {}, {}
     for amp in amps:
         for part, run in part_runners(build_steps(preset, size, amp == "bf16", device), images, targets).items():
-            runners[(part, amp)] = run
+            runners[(part, amp)] = guarded(run, (part, amp), diverged)
     samples = measure(runners, device, preset.warmup, preset.repeats, budget=0.0)
     rows = []
     for (part, amp), seconds in samples.items():
-        median = statistics.median(seconds)
-        rows.append({"size": size, "amp": amp, "part": part, "batch_size": preset.batch,
-                     "images_per_s": preset.batch / median, "seconds_median": median, "repeats": len(seconds)})
+        row = {"size": size, "amp": amp, "part": part, "batch_size": preset.batch}
+        if (part, amp) in diverged:
+            row["diverged"] = diverged[(part, amp)]
+        else:
+            median = statistics.median(seconds)
+            row.update(images_per_s=preset.batch / median, seconds_median=median, repeats=len(seconds))
+        rows.append(row)
     return rows
 
 
@@ -327,8 +341,9 @@ def print_report(result: dict[str, Any]) -> None:
           f"batch {rows[0]['batch_size']}:")
     print(f"{'size':>5} {'amp':>5} " + " ".join(f"{part:>16}" for part in PARTS))
     for size, amp in dict.fromkeys((row["size"], row["amp"]) for row in rows):
-        cells = {row["part"]: row["images_per_s"] for row in rows if row["size"] == size and row["amp"] == amp}
-        print(f"{size:>5} {amp:>5} " + " ".join(f"{cells[part]:>16.1f}" for part in PARTS))
+        cells = {row["part"]: f"{row['images_per_s']:.1f}" if "images_per_s" in row else "diverged"
+                 for row in rows if row["size"] == size and row["amp"] == amp}
+        print(f"{size:>5} {amp:>5} " + " ".join(f"{cells[part]:>16}" for part in PARTS))
     if result["bf16_skipped"]:
         print(f"bf16 skipped: {result['bf16_skipped']}")
     ddp = result["ddp"]
@@ -365,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "options": {"quick": args.quick, "sizes": list(sizes), "skip_search": args.skip_search},
         "models": {"teacher": preset.teacher, "student": preset.student},
         "warmup_rounds": preset.warmup,
-        "bf16_applied_by": "optim.bf16=true (TrainStep.autocast)" if device.type == "cuda" else
-                           "TrainStep.autocast regions forced to CPU bf16 (optim.bf16 is CUDA-only in the product)",
+        "bf16_applied_by": "optim.bf16=true (TrainStep.autocast)",
         "bf16_skipped": bf16_skipped,
         "throughput": rows,
         "ddp": ddp,
