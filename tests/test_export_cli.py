@@ -206,9 +206,12 @@ def test_evaluate_onnx_gives_the_student_pt_figure(trained):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["file"] == "student.onnx"
-    # The same val mAP / AP50 to 3 decimals (what the issue asks): only float rounding differs.
-    assert abs(metrics["map"] - trained["val"]["map"]) < 5e-4
-    assert abs(metrics["ap50"] - trained["val"]["ap50"]) < 5e-4
+    # The same val mAP / AP50 to 3 decimals (what the issue asks): only float rounding differs. This barely
+    # trained model's mAP is about 0.001, where 3 decimals say little, so within 5% as well (measured: 0.7%
+    # mAP, 1% AP50, from near-tied scores that swap ranks; the detections themselves are compared above).
+    for name in ("map", "ap50"):
+        assert abs(metrics[name] - trained["val"][name]) < 5e-4
+        assert metrics[name] == pytest.approx(trained["val"][name], rel=0.05)
     assert metrics["num_detections"] == pytest.approx(trained["val"]["num_detections"], rel=0.01)
 
 

@@ -86,7 +86,7 @@ def export_onnx(detector: SSDDetector, file: str | Path) -> None:
 
     graph = DetectorGraph(detector).eval()
     size = detector.image_size
-    example = torch.rand(2, 3, size, size)  # batch 2: a batch of 1 would be specialised to a constant
+    example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would be specialised to a constant
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.onnx.export(
