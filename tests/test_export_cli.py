@@ -34,9 +34,11 @@ TRAIN_STEPS = 4
 # One intra-op thread here and in the CLIs' processes: the same float reduction order on both sides, so the
 # val figures agree although this barely trained model's scores are near-tied (2 threads vs 1 once moved AP50 4%).
 THREADS = 1
-# student.onnx vs the eager detector, the same detections after the shared post-processing: boxes in pixels
-# of the 160 px images and scores. onnxruntime's kernels sum in another order than torch's; measured
-# differences are about 1e-5 px and 1e-7 in score (see test_onnx_detections_equal_the_eager_models).
+# student.onnx vs the eager detector. onnxruntime's kernels sum in another order than torch's; measured on
+# this fixture: head outputs (logits, box offsets) within 1e-6, detections within 2e-5 px and 1e-7 in score.
+# The raw outputs are the sharp test: this barely trained model's detections are nearly its anchors and
+# prior whatever the input (a graph without the normalisation still matched them within 1e-3 px).
+HEAD_ATOL = 1e-4
 BOX_ATOL_PX = 1e-3
 SCORE_ATOL = 1e-4
 ENV = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT)}
@@ -189,11 +191,17 @@ def test_onnx_graph_runs_in_onnxruntime_with_a_dynamic_batch(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     outputs = np.load(tmp_path / "outputs.npz")
     detector, _ = load_detector(trained["export"] / "student.pt")
+    with torch.no_grad():
+        levels = list(detector.extract(detector.normalize(images)).values())
+        eager_head = detector._run_head(levels, None)
     for batch in (1, 3):
         assert outputs[f"cls_logits_{batch}"].shape == (batch, 2420, len(trained["classes"]) + 1)
         assert outputs[f"bbox_regression_{batch}"].shape == (batch, 2420, 4)
         head = {name: torch.from_numpy(outputs[f"{name}_{batch}"]) for name in ("cls_logits", "bbox_regression")}
+        for name, value in head.items():
+            torch.testing.assert_close(value, eager_head[name][:batch], atol=HEAD_ATOL, rtol=0)
         anchors = torch.from_numpy(outputs[f"anchors_{batch}"])
+        torch.testing.assert_close(anchors, detector.anchors(levels, SIZE), atol=0, rtol=0)
         got = detector.decode(head, anchors, SIZE, sizes[:batch])
         _assert_same_detections(predict_resized(detector, images[:batch], sizes[:batch]), got)
 
