@@ -8,9 +8,10 @@ PYTEST_ARGS ?=
 .PHONY: install demo test smoke bench clean
 
 # Re-install only when the project metadata changed; pip takes torch/torchvision from local disk.
+# The export extra (onnx, onnxscript, onnxruntime): the ONNX tests of tests/test_export_cli.py need it.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -qq -e '.[dev]'
+	$(PY) -m pip install -qq -e '.[dev,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,8 @@
 """Export / evaluate / predict CLIs on a real tiny trained student (no Ray).
 
 A MobileNetV2-0.35 student is trained a few steps on the synthetic data, saved as a model file the way
-the trainer does, and exported; the exported files are then used in fresh processes.
+the trainer does, and exported; the exported files are then used in fresh processes. The ONNX tests need
+the ``export`` extra (onnx, onnxscript, onnxruntime), which ``make test`` installs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.distill import build_step
 from gankd_ray.eval import coco_results, evaluate_coco, load_coco
 from gankd_ray.train.checkpoint import load_torch, model_payload, save_torch
+from gankd_ray.train.checkpoint import load_detector
 from gankd_ray.tune.export import export_model
+from gankd_ray.tune.inference import predict_resized
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 160
@@ -31,6 +34,13 @@ TRAIN_STEPS = 4
 # One intra-op thread here and in the CLIs' processes: the same float reduction order on both sides, so the
 # val figures agree although this barely trained model's scores are near-tied (2 threads vs 1 once moved AP50 4%).
 THREADS = 1
+# student.onnx vs the eager detector. onnxruntime's kernels sum in another order than torch's; measured on
+# this fixture: head outputs (logits, box offsets) within 1e-6, detections within 2e-5 px and 1e-7 in score.
+# The raw outputs are the sharp test: this barely trained model's detections are nearly its anchors and
+# prior whatever the input (a graph without the normalisation still matched them within 1e-3 px).
+HEAD_ATOL = 1e-4
+BOX_ATOL_PX = 1e-3
+SCORE_ATOL = 1e-4
 ENV = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT)}
 
 
@@ -43,6 +53,47 @@ def _launch(name: str):
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+
+
+# A deployer's view of student.onnx: onnxruntime and numpy only, batches of 1 and 3 of the same images.
+ONNX_RUNNER = """
+import sys
+import numpy as np
+import onnxruntime as ort
+
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+images = np.load(sys.argv[2])
+names = [output.name for output in session.get_outputs()]
+outputs = {}
+for batch in (1, 3):
+    values = session.run(names, {"images": images[:batch]})
+    outputs.update({f"{name}_{batch}": value for name, value in zip(names, values)})
+np.savez(sys.argv[3], **outputs)
+"""
+
+
+def _first_images(data: str, split: str, count: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The first ``count`` images of ``split`` as the eval loader gives them ([B, 3, S, S]) and their sizes."""
+    loader = DetectionBatchLoader.from_dataset(data, split, SIZE, count, train=False, num_workers=0)
+    images, _, metas = next(iter(loader))
+    return images, [m["orig_size"] for m in metas]
+
+
+def _assert_same_detections(expected: list[dict], got: list[dict]) -> None:
+    """Per image the same number of detections, and each expected one has a detection of its label within
+    ``BOX_ATOL_PX`` (every coordinate) and ``SCORE_ATOL``: matched by box, not by rank, since near-tied
+    scores may swap places."""
+    assert len(got) == len(expected)
+    for want, have in zip(expected, got):
+        assert len(have["scores"]) == len(want["scores"]) > 0
+        for box, label, score in zip(want["boxes"], want["labels"], want["scores"]):
+            same_label = have["labels"] == label
+            distance = (have["boxes"][same_label] - box).abs().amax(dim=1)
+            nearest = int(distance.argmin())
+            assert float(distance[nearest]) <= BOX_ATOL_PX, (box, have["boxes"][same_label][nearest])
+            assert abs(float(have["scores"][same_label][nearest] - score)) <= SCORE_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +130,7 @@ def trained(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> di
 
 def test_exported_files_load_in_a_fresh_process(trained):
     export = trained["export"]
-    assert sorted(p.name for p in export.iterdir()) == ["card.json", "student.pt", "student.ts"]
+    assert sorted(p.name for p in export.iterdir()) == ["card.json", "student.onnx", "student.pt", "student.ts"]
     payload = torch.load(export / "student.pt", map_location="cpu", weights_only=True)
     assert payload["format"] == "gankd-ray-model" and payload["config"]["detector"]["num_classes"] == len(trained["classes"])
     script = (
@@ -124,6 +175,81 @@ def test_evaluate_torchscript_is_close(trained, capsys):
     assert metrics["ap50"] == pytest.approx(trained["val"]["ap50"], abs=0.05)
 
 
+def test_onnx_graph_runs_in_onnxruntime_with_a_dynamic_batch(trained, tmp_path):
+    import numpy as np
+    import onnx
+
+    onnx_file = trained["export"] / "student.onnx"
+    graph = onnx.load(str(onnx_file)).graph
+    assert [i.name for i in graph.input] == ["images"]
+    assert [o.name for o in graph.output] == ["cls_logits", "bbox_regression", "anchors"]
+    batch_axis = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_axis.dim_param and not batch_axis.dim_value, "the batch axis is symbolic"
+    images, sizes = _first_images(trained["data"], "test", 3)
+    np.save(tmp_path / "images.npy", images.numpy())
+    proc = _run("-c", ONNX_RUNNER, str(onnx_file), str(tmp_path / "images.npy"), str(tmp_path / "outputs.npz"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outputs = np.load(tmp_path / "outputs.npz")
+    detector, _ = load_detector(trained["export"] / "student.pt")
+    with torch.no_grad():
+        levels = list(detector.extract(detector.normalize(images)).values())
+        eager_head = detector._run_head(levels, None)
+    for batch in (1, 3):
+        assert outputs[f"cls_logits_{batch}"].shape == (batch, 2420, len(trained["classes"]) + 1)
+        assert outputs[f"bbox_regression_{batch}"].shape == (batch, 2420, 4)
+        head = {name: torch.from_numpy(outputs[f"{name}_{batch}"]) for name in ("cls_logits", "bbox_regression")}
+        for name, value in head.items():
+            torch.testing.assert_close(value, eager_head[name][:batch], atol=HEAD_ATOL, rtol=0)
+        anchors = torch.from_numpy(outputs[f"anchors_{batch}"])
+        torch.testing.assert_close(anchors, detector.anchors(levels, SIZE), atol=0, rtol=0)
+        got = detector.decode(head, anchors, SIZE, sizes[:batch])
+        _assert_same_detections(predict_resized(detector, images[:batch], sizes[:batch]), got)
+
+
+def test_evaluate_onnx_gives_the_student_pt_figure(trained):
+    proc = _run(
+        "launch/evaluate.py", "--model", str(trained["export"]), "--data", trained["data"], "--split", "val",
+        "--batch-size", "8", "--onnx",
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["file"] == "student.onnx"
+    # The same val mAP / AP50 to 3 decimals (what the issue asks): only float rounding differs. This barely
+    # trained model's mAP is about 0.001, where 3 decimals say little, so within 5% as well (measured: 0.7%
+    # mAP, 1% AP50, from near-tied scores that swap ranks; the detections themselves are compared above).
+    for name in ("map", "ap50"):
+        assert abs(metrics[name] - trained["val"][name]) < 5e-4
+        assert metrics[name] == pytest.approx(trained["val"][name], rel=0.05)
+    assert metrics["num_detections"] == pytest.approx(trained["val"]["num_detections"], rel=0.01)
+
+
+def test_predict_onnx_writes_the_eager_detections(trained, tmp_path):
+    files = sorted((Path(trained["data"]) / "images" / "test").iterdir())[:2]
+    predict = _launch("predict")
+    per_model = {}
+    for name, flags in (("eager", []), ("onnx", ["--onnx"])):
+        out = tmp_path / name
+        assert predict.main(["--model", str(trained["export"]), "--images", *map(str, files), "--out", str(out),
+                             "--score-thresh", "0.05", *flags]) == 0
+        assert all((out / f"{file.stem}.png").is_file() for file in files)
+        per_model[name] = _detections_by_image(json.loads((out / "detections.json").read_text()), len(files))
+    # The synthetic pictures are S x S already, so both paths see the same pixels.
+    _assert_same_detections(per_model["eager"], per_model["onnx"])
+
+
+def _detections_by_image(detections: list[dict], count: int) -> list[dict]:
+    """predict's detections.json as per-image tensors (boxes xywh, which the matcher compares as well)."""
+    grouped = []
+    for image_id in range(1, count + 1):
+        rows = [d for d in detections if d["image_id"] == image_id]
+        grouped.append({
+            "boxes": torch.tensor([d["bbox"] for d in rows], dtype=torch.float64).reshape(-1, 4),
+            "labels": torch.tensor([d["category_id"] for d in rows], dtype=torch.int64),
+            "scores": torch.tensor([d["score"] for d in rows], dtype=torch.float64),
+        })
+    return grouped
+
+
 def test_evaluate_bad_input_exits_2(trained, tmp_path, capsys):
     evaluate = _launch("evaluate")
     broken = tmp_path / "broken"
@@ -133,6 +259,11 @@ def test_evaluate_bad_input_exits_2(trained, tmp_path, capsys):
     assert evaluate.main(["--model", str(broken), "--data", trained["data"]]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing student.pt" in err and len(err.splitlines()) == 1
+    assert evaluate.main(["--model", str(broken), "--data", trained["data"], "--onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing student.onnx" in err and len(err.splitlines()) == 1
+    assert evaluate.main(["--model", str(trained["export"]), "--data", trained["data"], "--onnx", "--torchscript"]) == 2
+    assert "one of --torchscript and --onnx" in capsys.readouterr().err
     assert evaluate.main(["--model", str(trained["export"]), "--data", str(tmp_path / "nodata")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nodata" in err and len(err.splitlines()) == 1

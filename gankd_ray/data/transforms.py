@@ -86,6 +86,14 @@ def photometric_jitter(image: np.ndarray, strength: float, rng: np.random.Genera
     return np.clip(image, 0.0, 1.0, out=image)
 
 
+def resize_square(picture: Image.Image, size: int) -> Image.Image:
+    """The model input's resize: PIL bilinear to ``size x size``, aspect ratio not kept (what ``student.onnx``
+    expects too)."""
+    if (picture.height, picture.width) == (size, size):
+        return picture
+    return picture.resize((size, size), Image.BILINEAR)
+
+
 class DetectionTransform:
     """Decode, resize to ``S x S``, optionally flip and jitter; boxes follow the pixels.
 
@@ -116,8 +124,7 @@ class DetectionTransform:
         picture = decode_rgb(data)
         orig_size = (picture.height, picture.width)
         size = self.image_size
-        if orig_size != (size, size):
-            picture = picture.resize((size, size), Image.BILINEAR)
+        picture = resize_square(picture, size)
         # Pixels stay in numpy until the end: torch's intra-op threads only cost time on images this small.
         image = np.asarray(picture, dtype=np.float32) / np.float32(255.0)
         boxes_s = resize_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), orig_size, size)

@@ -212,11 +212,32 @@ class SSDDetector(SSD):
             "scores": Tensor[N]}``, at most ``detections_per_img``, after per-class NMS.
         """
         levels = list(features.values())
-        head_outputs = self._run_head(levels, head)
         size = _pair(image_size)
-        anchors = self.anchors(levels, size)
-        batch = levels[0].shape[0]
-        detections = self.postprocess_detections(head_outputs, [anchors] * batch, [size] * batch)
+        return self.decode(self._run_head(levels, head), self.anchors(levels, size), size, orig_sizes)
+
+    def decode(
+        self,
+        head_outputs: Mapping[str, Tensor],
+        anchors: Tensor,
+        image_size: int | tuple[int, int],
+        orig_sizes: Sequence[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Raw head outputs -> detections in original coordinates: the post-processing of :meth:`detect`.
+
+        torchvision's ``postprocess_detections`` (softmax, box decoding against ``anchors``, clip to the
+        input, per class ``score > score_thresh`` and top-k, per-class NMS, ``detections_per_img``), then
+        the boxes scaled from S-space to each original image. ``student.onnx`` outputs exactly
+        ``head_outputs`` and ``anchors``, so its predictions go through this same code.
+
+        Args:
+            head_outputs: ``{"cls_logits": Tensor[B, A, num_classes + 1], "bbox_regression": Tensor[B, A, 4]}``.
+            anchors: ``FloatTensor[A, 4]`` xyxy in S-space (:meth:`anchors`).
+            image_size: ``S`` (or ``(h, w)``) of the network input.
+            orig_sizes: ``(h, w)`` of each original image.
+        """
+        size = _pair(image_size)
+        batch = head_outputs["cls_logits"].shape[0]
+        detections = self.postprocess_detections(dict(head_outputs), [anchors] * batch, [size] * batch)
         for detection, orig in zip(detections, orig_sizes):
             # Not transform.postprocess: that one skips the rescaling whenever the model is in train mode.
             detection["boxes"] = resize_boxes(detection["boxes"], list(size), [int(orig[0]), int(orig[1])])

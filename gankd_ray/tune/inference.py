@@ -11,7 +11,10 @@ parse arguments and turn ``InferenceError`` into a one-line message and exit cod
   the val figure equals the search's ``best_map``. ``student.ts`` (only on request: TorchScript is code, so
   a crafted file can touch the disk; trusted files only) is evaluated as a user would run it: the
   decoded original images in, TorchScript's own resize inside (tensor bilinear instead of PIL's), so
-  its numbers are close to, not identical with, the ``student.pt`` ones.
+  its numbers are close to, not identical with, the ``student.pt`` ones. ``student.onnx`` (on request:
+  onnxruntime parses it with native code; trusted files only) runs on the ``student.pt`` path's resized
+  batches, its network in onnxruntime and the post-processing the detector's own (``SSDDetector.decode``,
+  settings from ``student.pt``), so its figure matches ``student.pt``'s to float rounding.
 - :func:`predict_images`: detections on image files, ``detections.json`` (COCO results) and one PNG per
   image with the boxes drawn.
 """
@@ -34,7 +37,16 @@ import torch
 from gankd_ray import storage
 from gankd_ray.data.validate import DEFAULT_MAX_PIXELS
 from gankd_ray.tune import results as res
-from gankd_ray.tune.export import COMPLETE_MARKER, ExportError, check_export, export_model, load_torchscript, read_card
+from gankd_ray.tune.export import (
+    COMPLETE_MARKER,
+    ExportError,
+    check_export,
+    export_model,
+    load_onnx,
+    load_torchscript,
+    read_card,
+)
+from gankd_ray.tune.onnx_graph import ONNX_FILE, OnnxDetector
 
 # trials.parquet columns that are results, not hyperparameters.
 RESULT_COLUMNS = frozenset(res.TRIAL_COLUMNS) | {"best_epoch", "best_checkpoint"}
@@ -138,20 +150,26 @@ def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None)
 # load an export
 
 
-def load_export(model_dir: str | Path, torchscript: bool = False, device: str | torch.device = "cpu"):
+def load_export(model_dir: str | Path, torchscript: bool = False, device: str | torch.device = "cpu", *, onnx: bool = False):
     """``(model, config or None, card)`` of an export; ``model`` is the eager detector (``student.pt``,
-    weights-only: the default, safe with a folder from anyone) or, when ``torchscript``, the TorchScript
-    module (``student.ts``: code that runs with the user's rights, so trusted files only). Only the files
-    the chosen model needs must be present."""
+    weights-only: the default, safe with a folder from anyone), or when ``torchscript`` the TorchScript
+    module (``student.ts``: code that runs with the user's rights, so trusted files only), or when ``onnx``
+    an ``OnnxDetector`` (``student.onnx`` in onnxruntime on the CPU, post-processed by the ``student.pt``
+    detector; trusted files only). Only the files the chosen model needs must be present."""
     from gankd_ray.train.checkpoint import CheckpointError, load_detector
 
-    model_file = "student.ts" if torchscript else "student.pt"
+    if torchscript and onnx:
+        raise InferenceError("choose one of --torchscript and --onnx")
+    model_files = ("student.ts",) if torchscript else (ONNX_FILE, "student.pt") if onnx else ("student.pt",)
     try:
-        model_dir = check_export(model_dir, (model_file, COMPLETE_MARKER))
+        model_dir = check_export(model_dir, (*model_files, COMPLETE_MARKER))
         card = read_card(model_dir)
         if torchscript:
             return load_torchscript(model_dir, device), None, card
-        detector, config = load_detector(storage.join(model_dir, "student.pt"), device=device)
+        # The ONNX graph runs on onnxruntime's CPU provider, so its post-processing does too.
+        detector, config = load_detector(storage.join(model_dir, "student.pt"), device="cpu" if onnx else device)
+        if onnx:
+            return load_onnx(model_dir, detector), config, card
     except (ExportError, CheckpointError, OSError) as err:
         raise InferenceError(str(err)) from None
     return detector, config, card
@@ -167,7 +185,12 @@ def run_scripted(model, images: list[torch.Tensor]) -> list[dict[str, torch.Tens
 
 
 def predict_resized(detector, images: torch.Tensor, orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-    """``TrainStep.predict`` for a loaded detector (float32, no autocast): images ``[B, 3, S, S]`` in [0, 1]."""
+    """``TrainStep.predict`` for a loaded detector (float32, no autocast): images ``[B, 3, S, S]`` in [0, 1].
+
+    ``detector`` may be an ``OnnxDetector``: the network then runs in onnxruntime, the post-processing is
+    the same ``SSDDetector.decode``."""
+    if isinstance(detector, OnnxDetector):
+        return detector.detect(images, orig_sizes)
     with torch.no_grad():
         features = detector.extract(detector.normalize(images))
         features = {level: feature.float() for level, feature in features.items()}
@@ -184,6 +207,7 @@ def evaluate_export(
     split: str = "test",
     *,
     torchscript: bool = False,
+    onnx: bool = False,
     batch_size: int = 16,
     num_workers: int = 0,
     device: str = "cpu",
@@ -194,7 +218,7 @@ def evaluate_export(
     from gankd_ray.data.transforms import decode_rgb
     from gankd_ray.eval import coco_results, evaluate_coco, load_coco
 
-    model, config, card = load_export(model_dir, torchscript=torchscript, device=device)
+    model, config, card = load_export(model_dir, torchscript=torchscript, device=device, onnx=onnx)
     image_size = int(config.detector.image_size if config is not None else card["image_size"])
     try:
         coco_gt = load_coco(data, split)
@@ -215,10 +239,11 @@ def evaluate_export(
             results.extend(coco_results(outputs, [{"image_id": int(r["image_id"])} for r in chunk]))
     else:
         for images, _, metas in loader:
-            outputs = predict_resized(model, images.to(device), [m["orig_size"] for m in metas])
+            outputs = predict_resized(model, images.to("cpu" if onnx else device), [m["orig_size"] for m in metas])
             results.extend(coco_results(outputs, metas))
     metrics: dict[str, Any] = evaluate_coco(coco_gt, results)
-    metrics.update({"split": split, "model": str(model_dir), "file": "student.ts" if torchscript else "student.pt"})
+    file = "student.ts" if torchscript else ONNX_FILE if onnx else "student.pt"
+    metrics.update({"split": split, "model": str(model_dir), "file": file})
     return metrics
 
 
@@ -233,17 +258,19 @@ def predict_images(
     score_thresh: float = 0.3,
     *,
     torchscript: bool = False,
+    onnx: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Detections on image files: ``out_dir/detections.json`` and one annotated PNG per image.
 
     The weights-only ``student.pt`` by default; ``torchscript=True`` runs ``student.ts`` instead (trusted
-    files only: TorchScript is code). Image ids are 1.. in the order given. Images of more than
+    files only: TorchScript is code), ``onnx=True`` runs ``student.onnx`` in onnxruntime on the picture resized
+    to ``S x S`` as the eval loader resizes it (trusted files only). Image ids are 1.. in the order given. Images of more than
     ``max_pixels`` pixels or of more than 8 bits per channel are refused before decoding.
 
     Returns ``{"detections": path, "images": [png paths], "count": detections kept}``.
     """
-    model, config, card = load_export(model_dir, torchscript=torchscript)
+    model, config, card = load_export(model_dir, torchscript=torchscript, onnx=onnx)
     names = class_names(card, config)
     paths = [storage.normalize_uri(str(p)) for p in image_paths]
     pictures = [read_picture(path, max_pixels) for path in paths]
@@ -252,7 +279,7 @@ def predict_images(
     written: list[str] = []
     used: set[str] = set()
     for image_id, (path, picture) in enumerate(zip(paths, pictures), start=1):
-        output = run_scripted(model, [_to_tensor(picture)])[0]
+        output = _detect_picture(model, picture)
         keep = output["scores"] >= score_thresh
         boxes = output["boxes"][keep].tolist()
         labels = output["labels"][keep].tolist()
@@ -352,6 +379,16 @@ def _read_input(path: str, missing: str) -> bytes:
         raise InferenceError(f"{path}: {missing}") from None
     except OSError as err:
         raise InferenceError(str(err)) from None
+
+
+def _detect_picture(model, picture) -> dict[str, torch.Tensor]:
+    """One picture's detections: the ONNX graph wants the resized ``S x S`` input, the others any size."""
+    if isinstance(model, OnnxDetector):
+        from gankd_ray.data.transforms import resize_square
+
+        size = model.detector.image_size
+        return model.detect(_to_tensor(resize_square(picture, size))[None], [(picture.height, picture.width)])[0]
+    return run_scripted(model, [_to_tensor(picture)])[0]
 
 
 def _to_tensor(picture) -> torch.Tensor:
