@@ -1,7 +1,7 @@
 """Train one configuration in a plain process (no Ray) and report loss / val mAP / AP50 per epoch.
 
-What the Ray loop (``gankd_ray/train/loop.py``) does per epoch, in-process, with its own
-``train_one_epoch`` and ``evaluate``: used to calibrate what a few CPU minutes can learn (teacher vs
+The engine every run uses (``gankd_ray.train.engine.fit``), in this process (``LocalRuntime``), with no
+Ray around it: used to calibrate what a few CPU minutes can learn (teacher vs
 student, learning rate, warm-up, batch, epochs, dataset difficulty) before a search spends them.
 
 Data: ``--data DIR`` (a prepared dataset), or ``--synthetic key=value ...`` (``SyntheticSpec``
@@ -32,7 +32,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,10 @@ from gankd_ray.config import ConfigError, RunConfig, parse_overrides
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.data.reader import read_dataset_info, read_split
 from gankd_ray.data.sources.synthetic import SyntheticSpec
-from gankd_ray.train.checkpoint import CheckpointError, load_detector
-from gankd_ray.train.loop import WorkerContext, evaluate, seed_everything, train_one_epoch
+from gankd_ray.records import EpochRecord, Status
+from gankd_ray.train.checkpoint import MODEL_FILE, CheckpointError, load_detector
+from gankd_ray.train.engine import EpochData, LocalRuntime, fit
+from gankd_ray.train.spec import Resources, TrainJob
 from gankd_ray.utils import machine_description, write_benchmark_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrate.json"
@@ -111,7 +115,7 @@ def resolve_config(data: str, overrides: list[str], teacher: str | None = None) 
     return cfg
 
 
-def build_loaders(cfg: RunConfig, args: argparse.Namespace):
+def build_data(cfg: RunConfig, args: argparse.Namespace) -> EpochData:
     """Train loader (optionally a prefix of the split) and the scored loader with its ground truth."""
     from gankd_ray.eval import coco_from_dict, load_coco
 
@@ -129,51 +133,58 @@ def build_loaders(cfg: RunConfig, args: argparse.Namespace):
         full = load_coco(data.path, data.train_split).dataset
         subset = {**full, "images": [i for i in full["images"] if i["id"] in ids],
                   "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}
-        return train, scored, coco_from_dict(subset)
+        return EpochData(train, scored, coco_from_dict(subset))
     scored = DetectionBatchLoader.from_dataset(
         data.path, data.val_split, size, batch, train=False, seed=cfg.seed, num_workers=args.loader_workers
     )
-    return train, scored, load_coco(data.path, data.val_split)
+    return EpochData(train, scored, load_coco(data.path, data.val_split))
 
 
-def train(cfg: RunConfig, args: argparse.Namespace, teacher: torch.nn.Module | None) -> dict[str, Any]:
-    """Every epoch: ``train_one_epoch`` then (every ``--eval-every``) ``evaluate``, as the Ray loop does."""
-    from gankd_ray.distill import Diverged, build_step
+class EpochRows:
+    """The engine's reports as this benchmark's rows: wall and CPU seconds per epoch, the main terms, quality.
 
-    ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
-    seed_everything(cfg.seed)
-    step = build_step(cfg, teacher=teacher, device=ctx.device)
-    train_loader, scored_loader, coco_gt = build_loaders(cfg, args)
-    # Wall time is what a run costs but moves with the machine's other load; the main process's CPU
-    # time (all torch threads; decoding workers excluded) is the load-independent measure.
-    epochs, train_s, cpu_s, status = [], 0.0, 0.0, "completed"
-    for epoch in range(1, cfg.optim.epochs + 1):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        try:
-            metrics, _ = train_one_epoch(step, train_loader, epoch)
-        except Diverged as err:
-            print(f"[calibrate] diverged in epoch {epoch}: {err}", flush=True)
-            status = "diverged"
-            break
-        epoch_s = time.perf_counter() - started
-        train_s += epoch_s
-        cpu_s += time.process_time() - cpu_started
-        row = {"epoch": epoch, "epoch_s": round(epoch_s, 2), "train_s": round(train_s, 2), "cpu_s": round(cpu_s, 1),
-               "loss": metrics["loss/total"], "cls": metrics["det/classification"],
-               "box": metrics["det/bbox_regression"], "lr": metrics["lr"]}
-        if epoch % args.eval_every == 0 or epoch == cfg.optim.epochs:
-            started = time.perf_counter()
-            quality = evaluate(step.predict, scored_loader, coco_gt, ctx)
-            row.update({key: quality[key] for key in ("map", "ap50", "ap_small", "ap_medium")},
-                       eval_s=round(time.perf_counter() - started, 2))
-        epochs.append(row)
+    Wall time is what a run costs but moves with the machine's other load; the main process's CPU time (all
+    torch threads; decoding workers excluded) is the load-independent measure.
+    """
+
+    def __init__(self):
+        self.rows: list[dict[str, Any]] = []
+        self.train_s = self.cpu_s = 0.0
+        self._cpu_mark = time.process_time()
+
+    def add(self, record: EpochRecord) -> None:
+        cpu_now = time.process_time()
+        self.train_s += record.throughput.train_s
+        self.cpu_s += cpu_now - self._cpu_mark
+        self._cpu_mark = cpu_now
+        if record.status is Status.DIVERGED:
+            print(f"[calibrate] diverged in epoch {record.epoch}", flush=True)
+            return
+        terms = record.terms
+        row = {"epoch": record.epoch, "epoch_s": round(record.throughput.train_s, 2),
+               "train_s": round(self.train_s, 2), "cpu_s": round(self.cpu_s, 1), "loss": terms["loss/total"],
+               "cls": terms["det/classification"], "box": terms["det/bbox_regression"], "lr": terms["lr"]}
+        if record.map is not None:
+            row.update({key: record.quality[key] for key in ("map", "ap50", "ap_small", "ap_medium")},
+                       eval_s=round(record.throughput.eval_s, 2))
+        self.rows.append(row)
         print(_epoch_line(row), flush=True)
-    if args.save:
-        from gankd_ray.train import checkpoint as ckpt
 
-        ckpt.save_torch(ckpt.model_payload(step.export_detector(), cfg), args.save)
-    scored = [row for row in epochs if "map" in row]
-    return {"status": status, "train_s": round(train_s, 2), "cpu_s": round(cpu_s, 1), "epochs": epochs,
+
+def train(cfg: RunConfig, args: argparse.Namespace, teacher_file: str | None) -> dict[str, Any]:
+    """The engine (``gankd_ray.train.engine.fit``) in this process, scoring every ``--eval-every`` epoch."""
+    rows = EpochRows()
+    job = TrainJob(config=cfg, storage=str(args.cache), name=args.label, teacher=teacher_file,
+                   resources=Resources(cpus_per_worker=args.threads))
+    with tempfile.TemporaryDirectory() as checkpoint_dir:
+        runtime = LocalRuntime(checkpoint_dir if args.save else None, on_report=rows.add)
+        records = fit(job, runtime, data=build_data(cfg, args), eval_every=args.eval_every)
+        if args.save:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(checkpoint_dir, MODEL_FILE), args.save)
+    scored = [row for row in rows.rows if "map" in row]
+    status = records[-1].status.value if records else Status.ERROR.value
+    return {"status": status, "train_s": round(rows.train_s, 2), "cpu_s": round(rows.cpu_s, 1), "epochs": rows.rows,
             "final": scored[-1] if scored else {}, "best_ap50": max((r["ap50"] for r in scored), default=0.0)}
 
 
@@ -201,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = None if args.data else synthetic_spec(args.synthetic)
         data = args.data if args.data else synthetic_dataset(spec, args.cache)
         cfg = resolve_config(data, args.set, args.teacher)
-        teacher = load_detector(args.teacher, torch.device("cpu"))[0] if args.teacher else None
+        if args.teacher:
+            load_detector(args.teacher, torch.device("cpu"))  # a bad file is refused before anything trains
     except (ConfigError, CheckpointError, TypeError, ValueError) as err:
         print(f"calibrate: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"[calibrate] {args.label}: {' '.join(args.set)} on {data}", flush=True)
-    result = train(cfg, args, teacher)
+    result = train(cfg, args, args.teacher)
     entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "data": data,
              "synthetic": args.synthetic, "synthetic_spec": dataclasses.asdict(spec) if spec else None,
              "overrides": args.set, "teacher": args.teacher, "threads": args.threads,

@@ -50,6 +50,7 @@ from step_cost import NUM_CLASSES, measure, random_batch  # noqa: E402
 from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig  # noqa: E402
 from gankd_ray.distill import Diverged, TrainStep, build_step  # noqa: E402
 from gankd_ray.models import build_detector  # noqa: E402
+from gankd_ray.train.spec import Resources  # noqa: E402
 from gankd_ray.tune.pipeline import TEACHER_BACKBONE  # noqa: E402
 from gankd_ray.utils import atomic_write_json, first_line, machine_description  # noqa: E402
 
@@ -238,20 +239,13 @@ def run_settings(preset: Preset, device: torch.device) -> dict[str, Any]:
             "optim.bf16": device.type == "cuda"}
 
 
-@dataclass(frozen=True)
-class Resources:
-    workers: int
-    cpus_per_worker: float
-    gpus_per_worker: float
-
-    @classmethod
-    def of(cls, device: torch.device) -> Resources:
-        """One worker per GPU (nccl cannot put two ranks on one GPU), with a share of the CPUs for its loader;
-        on CPU two 1-CPU gloo workers."""
-        if device.type != "cuda":
-            return cls(CPU_DDP_WORKERS, 1.0, 0.0)
-        gpus = torch.cuda.device_count()
-        return cls(gpus, float(max(1, min(8, (os.cpu_count() or 1) // gpus))), 1.0)
+def resources_for(device: torch.device) -> Resources:
+    """One worker per GPU (nccl cannot put two ranks on one GPU), with a share of the CPUs for its loader;
+    on CPU two 1-CPU gloo workers."""
+    if device.type != "cuda":
+        return Resources(CPU_DDP_WORKERS, 1.0, 0.0)
+    gpus = torch.cuda.device_count()
+    return Resources(gpus, float(max(1, min(8, (os.cpu_count() or 1) // gpus))), 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,14 +256,13 @@ def ddp_run(preset: Preset, data: str, teacher: str, storage: Path, device: torc
     import ray
 
     from gankd_ray.cluster import init_ray
-    from gankd_ray.train.run import TrainJob, read_metrics, resolve_job, run_training
+    from gankd_ray.records import read_metrics
+    from gankd_ray.train.run import TrainJob, resolve_job, run_training
 
-    resources = Resources.of(device)
+    resources = resources_for(device)
     cfg = RunConfig().with_overrides({**run_settings(preset, device), "role": "gankd", "data.path": data,
                                       "optim.epochs": preset.ddp_epochs})
-    job = resolve_job(TrainJob(config=cfg, storage=str(storage), name="ddp", teacher=teacher,
-                               workers=resources.workers, cpus_per_worker=resources.cpus_per_worker,
-                               gpus_per_worker=resources.gpus_per_worker))
+    job = resolve_job(TrainJob(config=cfg, storage=str(storage), name="ddp", teacher=teacher, resources=resources))
     init_ray()
     try:
         started = time.perf_counter()
@@ -289,7 +282,7 @@ def ddp_run(preset: Preset, data: str, teacher: str, storage: Path, device: torc
         "bf16": cfg.optim.bf16,
         "train_images_per_epoch": records[-1]["train_images"],
         "epochs": len(records),
-        "status": summary["status"],
+        "status": summary.status.value,
         "images_per_s": records[-1]["images_per_s"],
         "images_per_s_per_epoch": [record["images_per_s"] for record in records],
         "fit_wall_s": wall_s,
@@ -305,7 +298,7 @@ def ddp_run(preset: Preset, data: str, teacher: str, storage: Path, device: torc
 def search_run(preset: Preset, data: str, teacher: str, storage: Path, device: torch.device) -> dict[str, Any]:
     import pandas as pd
 
-    resources = Resources.of(device)
+    resources = resources_for(device)
     overrides = [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
                  for key, value in run_settings(preset, device).items()]
     command = [sys.executable, str(ROOT / "launch" / "search.py"), "--data", data, "--teacher", teacher,

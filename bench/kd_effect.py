@@ -71,9 +71,9 @@ def train(cfg: RunConfig, storage: Path, name: str, teacher: str | None = None) 
 
     job = resolve_job(TrainJob(config=cfg, storage=str(storage), name=name, teacher=teacher))
     summary = run_training(job)
-    if not summary.get("checkpoint"):
-        raise RuntimeError(f"{name}: no checkpoint (status {summary.get('status')})")
-    return str(Path(summary["checkpoint"]) / "model.pt")
+    if not summary.checkpoint:
+        raise RuntimeError(f"{name}: no checkpoint (status {summary.status})")
+    return str(Path(summary.checkpoint) / "model.pt")
 
 
 def test_metrics(model_file: str, data: str) -> dict[str, float]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from gankd_ray.errors import ConfigError
 from gankd_ray.utils import first_line, short_repr
 
 # A config or space file has a few hundred values; aliases that multiply them past this are an attack
@@ -29,10 +30,6 @@ ADV_LOSSES = ("wgan", "wgan-gp", "lsgan", "bce", "hinge")
 DISC_NORMS = ("none", "batch", "instance", "spectral")
 DISC_OUTPUTS = ("global", "patch")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-
-
-class ConfigError(ValueError):
-    """A config value, key or file is invalid; the message names the culprit."""
 
 
 class YamlBombError(yaml.YAMLError):

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gankd_ray.config import ConfigError, RunConfig  # noqa: E402
-from gankd_ray.train.run import InputError, StorageFullError, TrainJob, resolve_job  # noqa: E402
+from gankd_ray.records import Status  # noqa: E402
+from gankd_ray.train.run import InputError, Resources, StorageFullError, TrainJob, resolve_job  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -51,9 +52,8 @@ def build_job(args: argparse.Namespace) -> TrainJob:
         config=config,
         storage=args.storage,
         name=args.name,
-        workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
+        resources=Resources(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                            gpus_per_worker=args.gpus_per_worker),
         teacher=args.teacher,
         max_failures=args.max_failures,
     )
@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_STORAGE_FULL
     print(
-        f"[gankd-ray] {job.name}: status {summary['status']}, epochs {summary.get('epochs_done')}, "
-        f"best mAP {_fmt(summary.get('best_map'))} (AP50 {_fmt(summary.get('best_ap50'))}) "
-        f"at epoch {summary.get('best_epoch')}, checkpoint {summary.get('checkpoint')}"
+        f"[gankd-ray] {job.name}: status {summary.status}, epochs {summary.epochs_done}, "
+        f"best mAP {_fmt(summary.best_map)} (AP50 {_fmt(summary.best_ap50)}) "
+        f"at epoch {summary.best_epoch}, checkpoint {summary.checkpoint}"
     )
-    return EXIT_DIVERGED if summary["status"] == "diverged" else 0
+    return EXIT_DIVERGED if summary.status is Status.DIVERGED else 0
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def untrained_teacher(synthetic_data, tmp_path_factory) -> str:
 
 def read_trials_metrics(trials_dir: Path) -> dict[str, list[dict]]:
     """Every run under ``trials_dir`` that has a metrics log: ``{run folder name: records}``."""
-    from gankd_ray.train.run import METRICS_FILE, read_metrics
+    from gankd_ray.records import METRICS_FILE, read_metrics
 
     return {path.parent.name: read_metrics(str(path.parent)) for path in sorted(trials_dir.glob(f"*/{METRICS_FILE}"))}
 

@@ -60,7 +60,7 @@ def test_smoke_search_tables(smoke_search):
 def test_teacher_and_baseline_train_at_once(smoke_search):
     """Neither needs the other and a 2-CPU Ray holds both, so their runs overlap in time; the progress lines
     say which run each epoch belongs to."""
-    from gankd_ray.train.run import read_metrics
+    from gankd_ray.records import read_metrics
 
     experiment, proc = smoke_search
 

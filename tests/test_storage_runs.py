@@ -15,7 +15,7 @@ import pytest
 
 from conftest import S3_BUCKET, upload
 from gankd_ray import storage
-from gankd_ray.train.run import read_metrics
+from gankd_ray.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["optim.batch_size=8", "data.loader_workers=0", "detector.backbone=mobilenet_v2_0.35"]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gankd_ray.train.run import read_metrics, run_training, summarize
+from gankd_ray.records import EpochRecord, read_metrics, summarize
+from gankd_ray.train.run import run_training
 from gankd_ray.tune.results import trial_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,13 +78,13 @@ def test_summary_picks_kept_checkpoint_and_prints_missing_metrics(tmp_path):
     lines = [{"epoch": 1, "map": 0.0, "ap50": 0.0, "checkpoint": "c1", "status": "running"},
              {"epoch": 2, "map": 0.0, "ap50": 0.0, "checkpoint": "c2", "status": "completed"}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert summarize(str(tmp_path))["checkpoint"] == "c2"
+    assert summarize(str(tmp_path)).checkpoint == "c2"
     # The search's trials table names the same kept checkpoint (the best trial is exported from it).
-    row = trial_row("t", {}, lines, None, max_epochs=2, keys=[])
+    row = trial_row("t", {}, [EpochRecord.from_dict(line) for line in lines], None, max_epochs=2, keys=[])
     assert row["best_checkpoint"] == "c2" and row["best_epoch"] == 2
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "map": None, "status": "diverged"}) + "\n")
     summary = summarize(str(tmp_path))
-    assert summary["best_map"] is None and summary["status"] == "diverged"
+    assert summary.best_map is None and summary.status == "diverged"
     assert launch_train._fmt(None) == "n/a" and launch_train._fmt(0.25) == "0.2500"
 
 
@@ -185,9 +186,9 @@ def test_cli_teacher_run(teacher_run):
     assert "status completed, epochs 2, best mAP " in summary_lines[0]
     records = _check_completed_run(str(run_dir), 2)
     summary = summarize(str(run_dir))
-    assert summary["best_map"] == max(r["map"] for r in records)
-    assert f"checkpoint {summary['checkpoint']}" in summary_lines[0]
-    assert (Path(summary["checkpoint"]) / "model.pt").is_file(), "the summary names a checkpoint Ray deleted"
+    assert summary.best_map == max(r["map"] for r in records)
+    assert f"checkpoint {summary.checkpoint}" in summary_lines[0]
+    assert (Path(summary.checkpoint) / "model.pt").is_file(), "the summary names a checkpoint Ray deleted"
     resolved = (run_dir / "resolved_config.yaml").read_text()
     assert "role: teacher" in resolved and "mobilenet_v2_0.5" in resolved and "num_classes: 5" in resolved
 
@@ -228,16 +229,16 @@ def test_rank_shares_are_disjoint_and_cover_train(synthetic_data):
 def test_student_run_then_resume_with_more_epochs(local_ray, synthetic_data, tmp_path):
     job = _job("student", synthetic_data, tmp_path, "student", 2, *TINY)
     summary = run_training(job)
-    assert summary["status"] == "completed" and summary["epochs_done"] == 2
+    assert summary.status == "completed" and summary.epochs_done == 2
     first = _check_completed_run(job.run_dir, 2)
     for record in first:  # throughput covers the whole train split once per epoch
         assert record["images_per_s"] * record["train_s"] == pytest.approx(TRAIN_IMAGES, rel=1e-6)
-    assert (Path(summary["checkpoint"]) / "model.pt").is_file()
+    assert (Path(summary.checkpoint) / "model.pt").is_file()
 
     started = time.time()
     job3 = _job("student", synthetic_data, tmp_path, "student", 3, *TINY)
     summary3 = run_training(job3)
-    assert summary3["status"] == "completed" and summary3["epochs_done"] == 3
+    assert summary3.status == "completed" and summary3.epochs_done == 3
     records = _check_completed_run(job3.run_dir, 3, first_epoch=3)
     new = [r for r in records if r["reported_at"] >= started]
     assert [r["epoch"] for r in new] == [3], "the rerun must start at epoch 3"
@@ -251,7 +252,7 @@ def test_gankd_from_teacher_checkpoint_files(local_ray, teacher_run, synthetic_d
     job = _job("gankd", synthetic_data, tmp_path, "gankd", 2, *TINY, teacher=teacher_ckpt)
     assert job.config.teacher.backbone == "mobilenet_v2_0.5"
     summary = run_training(job)
-    assert summary["status"] == "completed"
+    assert summary.status == "completed"
     records = _check_completed_run(job.run_dir, 2)
     assert any(key.startswith("disc/") for key in records[-1]), sorted(records[-1])
 
@@ -263,7 +264,7 @@ def test_a_run_starts_no_ray_data_actor_and_our_reaper(local_ray, synthetic_data
     from ray.util.state import list_actors
 
     summary = run_training(_job("student", synthetic_data, tmp_path, "lean", 1, *TINY))
-    assert summary["status"] == "completed"
+    assert summary.status == "completed"
     started = [actor.class_name for actor in list_actors(limit=10_000)]  # dead ones included
     assert "TrainController" in started and "RayTrainWorker" in started
     assert "DatasetManager" not in started
@@ -300,7 +301,7 @@ def test_killed_worker_restarts_from_checkpoint(local_ray, synthetic_data, tmp_p
     thread.join(timeout=300)
     assert not thread.is_alive(), "run did not finish after the worker was killed"
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["summary"]["status"] == "completed"
+    assert outcome["summary"].status == "completed"
     records = _check_completed_run(job.run_dir, epochs)
     assert records[0]["reported_at"] < killed_at
     assert records[1]["reported_at"] > killed_at, "epoch 2 was already done: the kill was not mid-run"

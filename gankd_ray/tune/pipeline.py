@@ -14,7 +14,8 @@ from typing import Any
 
 from gankd_ray import storage
 from gankd_ray.config import ConfigError, RunConfig
-from gankd_ray.train.run import InputError, TrainJob, resolve_job, run_training, summarize
+from gankd_ray.records import RunSummary, Status, summarize
+from gankd_ray.train.run import InputError, Resources, TrainJob, resolve_job, run_training
 from gankd_ray.tune import results as res
 from gankd_ray.tune.search import SearchJob
 from gankd_ray.tune.space import SpaceError, load_space
@@ -64,14 +65,14 @@ def plan_search(args) -> SearchPlan:
     except SpaceError as err:
         raise InputError(str(err)) from None
     experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
-    resources = dict(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
-                     gpus_per_worker=args.gpus_per_worker)
+    resources = Resources(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=args.gpus_per_worker)
     baseline_cfg = _copy(base, "student")
-    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", **resources))
+    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", resources=resources))
     teacher_job = None
     if args.teacher is not None:  # check the given teacher against data and student now
         resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
-                             name="baseline", teacher=args.teacher, **resources))
+                             name="baseline", teacher=args.teacher, resources=resources))
         teacher_path = args.teacher
     else:  # last: the ImageNet weights may be fetched, which only valid input should cost
         teacher_cfg = _copy(base, "teacher")
@@ -79,13 +80,12 @@ def plan_search(args) -> SearchPlan:
                                                   "detector.weights": teacher_weights(args.teacher_weights),
                                                   "optim.epochs": args.teacher_epochs})
         teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=args.storage, name=f"{args.name}-teacher",
-                                           **resources))
+                                           resources=resources))
         teacher_path = storage.join(teacher_job.run_dir, "best")
     job = SearchJob(
         base=baseline.config, space=space, storage=args.storage, name=args.name, teacher=teacher_path,
         num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
-        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, seed=args.seed,
+        reduction_factor=args.reduction_factor, resources=resources, seed=args.seed,
         optuna_storage=args.optuna_storage, scheduler=args.scheduler,
     )
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=args.resume)
@@ -128,13 +128,13 @@ def _copy(config: RunConfig, role: str) -> RunConfig:
     return copy
 
 
-def ensure_teacher(plan: SearchPlan) -> dict[str, Any]:
+def ensure_teacher(plan: SearchPlan) -> RunSummary | None:
     """Train the teacher unless a finished one exists (it is reused next time); copy its best model."""
     if plan.teacher_job is None:
-        return {}
+        return None
     run_dir = plan.teacher_job.run_dir
     summary = summarize(run_dir)
-    if summary.get("status") != "completed" or not storage.exists(storage.join(run_dir, "best", "model.pt")):
+    if summary.status is not Status.COMPLETED or not storage.exists(storage.join(run_dir, "best", "model.pt")):
         print(f"[gankd-ray] training the teacher ({TEACHER_BACKBONE}) in {run_dir}", flush=True)
         summary = run_training(plan.teacher_job)
         _publish_best(summary, storage.join(run_dir, "best"))
@@ -143,24 +143,24 @@ def ensure_teacher(plan: SearchPlan) -> dict[str, Any]:
     return summary
 
 
-def _publish_best(summary: dict[str, Any], best_dir: str) -> None:
+def _publish_best(summary: RunSummary, best_dir: str) -> None:
     from gankd_ray.train.checkpoint import load_torch, save_torch
 
-    if not summary.get("checkpoint"):
-        raise RuntimeError(f"teacher run {summary['run_dir']} produced no checkpoint (status {summary['status']})")
-    payload = load_torch(storage.join(summary["checkpoint"], "model.pt"))
+    if not summary.checkpoint:
+        raise RuntimeError(f"teacher run {summary.run_dir} produced no checkpoint (status {summary.status})")
+    payload = load_torch(storage.join(summary.checkpoint, "model.pt"))
     save_torch(payload, storage.join(best_dir, "model.pt"))
 
 
-def ensure_baseline(plan: SearchPlan) -> dict[str, Any]:
+def ensure_baseline(plan: SearchPlan) -> RunSummary:
     summary = summarize(plan.baseline_job.run_dir)
-    if summary.get("status") == "completed":
+    if summary.status is Status.COMPLETED:
         return summary
     print("[gankd-ray] training the no-KD baseline student", flush=True)
     return run_training(plan.baseline_job)
 
 
-def ensure_references(plan: SearchPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+def ensure_references(plan: SearchPlan) -> tuple[RunSummary | None, RunSummary]:
     """The teacher and the no-KD baseline (in that order). Neither needs the other, so they train at the same
     time when the cluster has room for both right now; otherwise one after the other, since a run that waits
     for workers longer than Train's start-up timeout fails."""
@@ -191,8 +191,8 @@ def _fit_together(jobs: list[TrainJob]) -> bool:
     import ray
 
     free = ray.available_resources()
-    need_cpu = sum(job.workers * job.cpus_per_worker for job in jobs)
-    need_gpu = sum(job.workers * job.gpus_per_worker for job in jobs)
+    need_cpu = sum(job.resources.total()["CPU"] for job in jobs)
+    need_gpu = sum(job.resources.total()["GPU"] for job in jobs)
     return free.get("CPU", 0.0) >= need_cpu and free.get("GPU", 0.0) >= need_gpu
 
 
@@ -211,7 +211,7 @@ def run_tuner(plan: SearchPlan):
     return tuner.fit()
 
 
-def finish(plan: SearchPlan, result_grid, teacher: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: RunSummary) -> dict[str, Any]:
     """Tables, export of the best trial, report and the final table."""
     from gankd_ray.data import read_dataset_info
     from gankd_ray.tune.export import export_model
@@ -225,7 +225,7 @@ def finish(plan: SearchPlan, result_grid, teacher: dict[str, Any], baseline: dic
     if best is not None and best.get("best_checkpoint"):
         card = {"trial_id": best_id, "hyperparameters": {k: plain_value(best.get(k)) for k in job.space.keys},
                 "val_map": plain_value(best["best_map"]), "val_ap50": plain_value(best["best_ap50"]), "teacher": job.teacher,
-                "baseline_val_map": baseline.get("best_map"), "teacher_val_map": teacher.get("best_map"),
+                "baseline_val_map": baseline.best_map, "teacher_val_map": teacher.best_map if teacher else None,
                 "classes": read_dataset_info(job.base.data.path)["classes"]}
         export_model(storage.join(best["best_checkpoint"], "model.pt"), storage.join(job.experiment_dir, "best"), card)
     table = summary_table(best, job.space.keys, teacher, baseline)
@@ -233,11 +233,11 @@ def finish(plan: SearchPlan, result_grid, teacher: dict[str, Any], baseline: dic
     return {"trials": trials, "best": best, "table": table}
 
 
-def summary_table(best, keys: list[str], teacher: dict[str, Any], baseline: dict[str, Any]) -> str:
+def summary_table(best, keys: list[str], teacher: RunSummary | None, baseline: RunSummary) -> str:
     rows = [("model", "val mAP", "val AP50")]
-    if teacher:
-        rows.append(("teacher", _num(teacher.get("best_map")), _num(teacher.get("best_ap50"))))
-    rows.append(("baseline student (no KD)", _num(baseline.get("best_map")), _num(baseline.get("best_ap50"))))
+    if teacher is not None:
+        rows.append(("teacher", _num(teacher.best_map), _num(teacher.best_ap50)))
+    rows.append(("baseline student (no KD)", _num(baseline.best_map), _num(baseline.best_ap50)))
     if best is not None:
         rows.append((f"best GAN-KD trial {best['trial_id']}", _num(best["best_map"]), _num(best["best_ap50"])))
     lines = ["| " + " | ".join(r) + " |" for r in rows]

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from gankd_ray import storage  # noqa: E402
+from gankd_ray.records import Status  # noqa: E402
 from gankd_ray.tune.space import SearchSpace  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def _history(trials: pd.DataFrame):
         return None
     ordered = trials.reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter(ordered.index, ordered["best_map"], c=["C3" if s != "completed" else "C0" for s in ordered["status"]])
+    ax.scatter(ordered.index, ordered["best_map"], c=["C3" if s != Status.COMPLETED else "C0" for s in ordered["status"]])
     ax.plot(ordered.index, ordered["best_map"].fillna(0).cummax(), color="C2", label="best so far")
     ax.set(xlabel="trial", ylabel="best val mAP", title="Optimisation history (red: stopped/diverged/error)")
     ax.legend()
@@ -69,7 +70,7 @@ def _learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame):
     for trial_id, rows in epochs.groupby("trial_id"):
         rows = rows.sort_values("epoch")
         (line,) = ax.plot(rows["epoch"], rows["map"], marker="o", ms=3, label=str(trial_id))
-        if status.get(trial_id) == "stopped_early":
+        if status.get(trial_id) == Status.STOPPED_EARLY:
             ax.scatter(rows["epoch"].iloc[-1], rows["map"].iloc[-1], marker="x", s=80, color=line.get_color())
     ax.set(xlabel="epoch", ylabel="val mAP", title="Learning curves (x: stopped by ASHA)")
     ax.legend(fontsize=6, ncol=2)

@@ -14,57 +14,56 @@ from typing import Any
 import pandas as pd
 
 from gankd_ray import storage
-from gankd_ray.train.run import best_record, read_metrics
+from gankd_ray.records import EpochRecord, Status, best_record, read_records
 
-COMPLETED = "completed"
-STOPPED_EARLY = "stopped_early"
-DIVERGED = "diverged"
-ERROR = "error"
 TRIAL_COLUMNS = ["trial_id", "status", "epochs", "best_map", "best_ap50", "last_map", "wall_s", "node", "error"]
 
 
-def trial_row(trial_id: str, params: dict[str, Any], records: list[dict[str, Any]], error: str | None,
+def trial_row(trial_id: str, params: dict[str, Any], records: list[EpochRecord], error: str | None,
               max_epochs: int, keys: list[str]) -> dict[str, Any]:
     """One trials.parquet row from a trial's epoch records and Tune's error (if any)."""
     row: dict[str, Any] = {"trial_id": trial_id, "error": error}
-    row["epochs"] = max((r.get("epoch", 0) for r in records), default=0)
-    healthy = [r for r in records if r.get("status") != DIVERGED]
-    best = best_record(healthy)
-    row["best_map"] = best.get("map") if best else float("nan")
-    row["best_ap50"] = best.get("ap50") if best else float("nan")
-    row["best_epoch"] = best.get("epoch") if best else None
-    row["best_checkpoint"] = best.get("checkpoint") if best else None
-    row["last_map"] = records[-1].get("map") if records else float("nan")
+    row["epochs"] = max((r.epoch for r in records), default=0)
+    best = best_record([r for r in records if r.status is not Status.DIVERGED])
+    row["best_map"] = _or_nan(best.map if best else None)
+    row["best_ap50"] = _or_nan(best.ap50 if best else None)
+    row["best_epoch"] = best.epoch if best else None
+    row["best_checkpoint"] = best.checkpoint if best else None
+    row["last_map"] = _or_nan(records[-1].map if records else None)
     row["wall_s"] = _wall_seconds(records)
     row["node"] = _nodes(records)
-    row["status"] = _status(records, error, max_epochs)
+    row["status"] = _status(records, error, max_epochs).value
     for key in keys:
         row[key] = params.get(key)
     return row
 
 
-def _status(records: list[dict[str, Any]], error: str | None, max_epochs: int) -> str:
-    if records and records[-1].get("status") == DIVERGED:
-        return DIVERGED
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _status(records: list[EpochRecord], error: str | None, max_epochs: int) -> Status:
+    if records and records[-1].status is Status.DIVERGED:
+        return Status.DIVERGED
     if error:
-        return ERROR
-    if records and records[-1].get("epoch", 0) >= max_epochs:
-        return COMPLETED
-    return STOPPED_EARLY
+        return Status.ERROR
+    if records and records[-1].epoch >= max_epochs:
+        return Status.COMPLETED
+    return Status.STOPPED_EARLY
 
 
-def _nodes(records: list[dict[str, Any]]) -> str | None:
+def _nodes(records: list[EpochRecord]) -> str | None:
     """Every node the trial ran on, in order, comma-separated (a restart elsewhere adds one)."""
     nodes: list[str] = []
     for record in records:
-        if record.get("node") and (not nodes or nodes[-1] != record["node"]):
-            nodes.append(record["node"])
+        if record.node and (not nodes or nodes[-1] != record.node):
+            nodes.append(record.node)
     return ",".join(nodes) or None
 
 
-def _wall_seconds(records: list[dict[str, Any]]) -> float:
-    started = [r["trial_started"] for r in records if "trial_started" in r]
-    ended = [r["reported_at"] for r in records if "reported_at" in r]
+def _wall_seconds(records: list[EpochRecord]) -> float:
+    started = [r.context.trial_started for r in records if r.context.trial_started is not None]
+    ended = [r.reported_at for r in records if r.reported_at is not None]
     if not started or not ended:
         return float("nan")
     return max(ended) - min(started)
@@ -75,11 +74,11 @@ def collect(result_grid, trials_dir: str, max_epochs: int, keys: list[str]) -> t
     trial_rows, epoch_rows = [], []
     for result in result_grid:
         trial_id = _trial_id(result)
-        records = read_metrics(storage.join(trials_dir, trial_id))
+        records = read_records(storage.join(trials_dir, trial_id))
         params = {k: v for k, v in (result.config or {}).items() if k in keys}
         error = _one_line(result.error) if result.error else None
         trial_rows.append(trial_row(trial_id, params, records, error, max_epochs, keys))
-        epoch_rows.extend({"trial_id": trial_id, **r} for r in records)
+        epoch_rows.extend({"trial_id": trial_id, **r.to_dict()} for r in records)
     trials = pd.DataFrame(trial_rows)
     for column in TRIAL_COLUMNS + keys:
         if column not in trials:
@@ -111,7 +110,7 @@ def write_tables(experiment_dir: str, trials: pd.DataFrame, epochs: pd.DataFrame
 
 def best_trial(trials: pd.DataFrame) -> pd.Series | None:
     """The healthy trial (not diverged, not errored) with the highest best val mAP."""
-    healthy = trials[~trials["status"].isin([DIVERGED, ERROR]) & trials["best_map"].notna()]
+    healthy = trials[~trials["status"].isin([Status.DIVERGED.value, Status.ERROR.value]) & trials["best_map"].notna()]
     if healthy.empty:
         return None
     return healthy.sort_values("best_map", ascending=False).iloc[0]

@@ -19,7 +19,8 @@ from typing import Any
 from gankd_ray import storage
 from gankd_ray.cluster import HEAD_NODE_RESOURCE
 from gankd_ray.config import RunConfig
-from gankd_ray.train.run import TrainJob
+from gankd_ray.records import EpochRecord, RunContext, read_records
+from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, Resources, TrainJob
 from gankd_ray.tune.space import SearchSpace
 
 METRIC = "map"
@@ -52,15 +53,12 @@ class SearchJob:
     max_epochs: int = 3
     grace_period: int = 1
     reduction_factor: int = 2
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    resources: Resources = field(default_factory=Resources)  # of each trial
     max_failures: int = 1
     seed: int = 0
     optuna_storage: str | None = None
     max_concurrent: int | None = None
     scheduler: str = "asha"  # or "fifo": every trial runs max_epochs (benchmarks compare the two)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def experiment_dir(self) -> str:
@@ -83,15 +81,13 @@ def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
     Each trial's driver takes no resources; its workers take ``workers * cpus`` (and GPUs).
     Raises ``ValueError`` when even one trial can never fit.
     """
-    per_trial_cpu = job.workers_per_trial * job.cpus_per_worker
-    limit = math.floor(resources.get("CPU", 0) / per_trial_cpu + 1e-9)
-    if job.gpus_per_worker > 0:
-        per_trial_gpu = job.workers_per_trial * job.gpus_per_worker
-        limit = min(limit, math.floor(resources.get("GPU", 0) / per_trial_gpu + 1e-9))
+    need = job.resources.total()
+    limit = math.floor(resources.get("CPU", 0) / need["CPU"] + 1e-9)
+    if job.resources.use_gpu:
+        limit = min(limit, math.floor(resources.get("GPU", 0) / need["GPU"] + 1e-9))
     if limit < 1:
         raise ValueError(
-            f"one trial needs {per_trial_cpu:g} CPU"
-            + (f" and {job.workers_per_trial * job.gpus_per_worker:g} GPU" if job.gpus_per_worker else "")
+            f"one trial needs {need['CPU']:g} CPU" + (f" and {need['GPU']:g} GPU" if job.resources.use_gpu else "")
             + f" but the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU in all"
         )
     if job.max_concurrent:
@@ -117,32 +113,27 @@ def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
         config=job.trial_config(params),
         storage=job.trials_dir,
         name=trial_id,
-        workers=job.workers_per_trial,
-        cpus_per_worker=job.cpus_per_worker,
-        gpus_per_worker=job.gpus_per_worker,
         teacher=job.teacher,
+        resources=job.resources,
         max_failures=job.max_failures,
-        extra={"report_extra": {"trial_id": trial_id, "trial_started": time.time()}, **job.extra},
+        context=RunContext(trial_id=trial_id, trial_started=time.time()),
     )
     finished = finished_run(train_job.run_dir)
     if finished is not None:  # a restored search: the run ended before the driver was killed
-        ray.tune.report(finished)
+        ray.tune.report(finished.to_dict())
         return
-    storage.write_text(storage.join(train_job.run_dir, "resolved_config.yaml"), train_job.config.to_yaml())
+    storage.write_text(storage.join(train_job.run_dir, RESOLVED_CONFIG_FILE), train_job.config.to_yaml())
     build_trainer(train_job, callbacks=[TuneReportCallback()]).fit()
 
 
-def finished_run(run_dir: str) -> dict[str, Any] | None:
+def finished_run(run_dir: str) -> EpochRecord | None:
     """The last epoch record of a Train run that already ended (completed or diverged), else None.
 
     Tune restores trials whose end it had not yet saved; rerunning their trainer would report nothing
     (the run resumes past its last epoch) and Tune needs one result, so the driver reports the record.
     """
-    from gankd_ray.train.loop import STATUS_COMPLETED, STATUS_DIVERGED
-    from gankd_ray.train.run import read_metrics
-
-    records = read_metrics(run_dir)
-    if records and records[-1].get("status") in (STATUS_COMPLETED, STATUS_DIVERGED):
+    records = read_records(run_dir)
+    if records and records[-1].status.ended:
         return records[-1]
     return None
 

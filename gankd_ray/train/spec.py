@@ -1,0 +1,143 @@
+"""What one training run is (``TrainJob``): config, locations, resources, who runs it. Ray-free plain data.
+
+A job is built once where the user's input arrives (a command, a search trial), checked by ``resolve_job``
+before any Ray work, and handed as it is to every worker (``gankd_ray.train.engine.fit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from gankd_ray import storage
+from gankd_ray.config import RunConfig
+from gankd_ray.errors import InputError
+from gankd_ray.records import RunContext
+
+RESOLVED_CONFIG_FILE = "resolved_config.yaml"
+
+
+@dataclass
+class Resources:
+    """What each data-parallel worker of a run gets (a search gives every trial the same)."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.use_gpu else "gloo"
+
+    def per_worker(self) -> dict[str, float]:
+        """Ray's resource request of one worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+
+    def total(self) -> dict[str, float]:
+        """What the whole run holds while it trains."""
+        return {"CPU": self.workers * self.cpus_per_worker, "GPU": self.workers * self.gpus_per_worker}
+
+    def validate(self) -> None:
+        if self.workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise InputError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+
+
+@dataclass
+class TrainJob:
+    """One TorchTrainer run: what to train, where it lives, its resources, and who runs it."""
+
+    config: RunConfig
+    storage: str
+    name: str
+    teacher: str | None = None
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 2
+    context: RunContext = field(default_factory=RunContext)
+
+    def __post_init__(self) -> None:
+        # Workers run in other working directories (and on other nodes): only absolute locations travel.
+        self.storage = storage.normalize_uri(self.storage)
+        if self.teacher:
+            self.teacher = storage.normalize_uri(self.teacher)
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.storage, self.name)
+
+
+def resolve_job(job: TrainJob) -> TrainJob:
+    """Check every input and fill what the dataset and teacher imply. Raises ``InputError``.
+
+    Runs before Ray starts so that bad input costs seconds: data path and format, teacher file,
+    teacher/dataset/student compatibility, config values, storage writability.
+    """
+    from gankd_ray.data import DatasetError, read_dataset_info
+
+    cfg = job.config
+    if not cfg.data.path:
+        raise InputError("--data: no dataset given")
+    cfg.data.path = storage.normalize_uri(cfg.data.path)
+    try:
+        info = read_dataset_info(cfg.data.path)
+    except (DatasetError, OSError) as err:
+        raise InputError(f"--data: {err}") from None
+    num_classes = len(info["classes"])
+    if cfg.detector.num_classes not in (0, num_classes):
+        raise InputError(
+            f"detector.num_classes={cfg.detector.num_classes} but dataset {cfg.data.path} has {num_classes} classes"
+        )
+    cfg.detector.num_classes = num_classes
+    if cfg.role == "gankd":
+        cfg.teacher = _check_teacher(job.teacher, cfg, info)
+    elif job.teacher:
+        raise InputError(f"--teacher is only used with --role gankd (role is {cfg.role})")
+    cfg.validate()
+    _check_levels(cfg)
+    job.resources.validate()
+    try:
+        storage.check_writable(job.run_dir)
+    except OSError as err:
+        raise InputError(f"--storage: {err}") from None
+    return job
+
+
+def _check_teacher(teacher: str | None, cfg: RunConfig, info: dict[str, Any]):
+    from gankd_ray.train.checkpoint import CheckpointError, load_detector
+
+    if not teacher:
+        raise InputError("--role gankd needs --teacher CKPT (a checkpoint of a teacher run)")
+    try:
+        # Build it and load its weights now: a file whose weights belong to another architecture than
+        # its config names would otherwise only fail inside the Ray workers.
+        _, teacher_cfg = load_detector(teacher)
+    except CheckpointError as err:
+        raise InputError(f"--teacher: {err}") from None
+    tdet = teacher_cfg.detector
+    if tdet.num_classes != len(info["classes"]):
+        raise InputError(
+            f"--teacher {teacher}: teacher has {tdet.num_classes} classes, dataset {cfg.data.path} has "
+            f"{len(info['classes'])}"
+        )
+    if tdet.image_size != cfg.detector.image_size:
+        raise InputError(
+            f"--teacher {teacher}: teacher input size {tdet.image_size} != student input size "
+            f"{cfg.detector.image_size} (set detector.image_size={tdet.image_size})"
+        )
+    return dataclasses.replace(tdet, weights=None)
+
+
+def _check_levels(cfg: RunConfig) -> None:
+    # Every role: a search builds its GAN-KD trials from the baseline's config, levels included.
+    if not cfg.distill.levels:
+        return
+    from gankd_ray.models import level_names_for
+
+    known = level_names_for(cfg.detector)
+    unknown = [lvl for lvl in cfg.distill.levels if lvl not in known]
+    if unknown:
+        raise InputError(f"distill.levels: {unknown[0]!r} is not a level of {cfg.detector.backbone} ({', '.join(known)})")
