@@ -77,6 +77,8 @@ class EpochRecord:
     best_map: float | None = None
     best_ap50: float | None = None
     best_epoch: int | None = None
+    # what the searcher and ASHA compare (gankd_ray.tune.search.METRIC): best_map, 0 once the run diverged
+    score: float | None = None
     node: str | None = None
     reported_at: float | None = None
     # start-up accounting, first epoch of a worker only: when the worker started and finished its first step
@@ -119,7 +121,7 @@ class EpochRecord:
 # COCOeval's figures (gankd_ray.eval.evaluate_coco): a record's quality, the rest of its numbers are terms.
 QUALITY_KEYS = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100", "ar_small",
                 "ar_medium", "ar_large")
-_SCALAR_FIELDS = ("epoch", "epochs", "best_map", "best_ap50", "best_epoch", "node", "reported_at",
+_SCALAR_FIELDS = ("epoch", "epochs", "best_map", "best_ap50", "best_epoch", "score", "node", "reported_at",
                   "worker_started_at", "first_step_at", "checkpoint")
 
 

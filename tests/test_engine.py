@@ -38,6 +38,7 @@ def test_fit_in_a_plain_process_then_resumes_from_its_checkpoint(synthetic_data,
     assert first[1].worker_started_at is None, "start-up is accounted on the first epoch only"
     best = max(first, key=lambda r: (r.map, r.epoch))
     assert first[1].best_map == best.map and first[1].best_epoch == best.epoch
+    assert [r.score for r in first] == [r.best_map for r in first], "the searcher sees the best so far"
 
     resumed = fit(_job(synthetic_data, tmp_path, 3), LocalRuntime(checkpoints))
     assert [r.epoch for r in resumed] == [3] and resumed[0].status is Status.COMPLETED

@@ -248,7 +248,7 @@ def test_student_run_then_resume_with_more_epochs(local_ray, synthetic_data, tmp
 def test_gankd_from_teacher_checkpoint_files(local_ray, teacher_run, synthetic_data, tmp_path):
     proc, run_dir = teacher_run
     assert proc.returncode == 0, "teacher run failed (see test_cli_teacher_run)"
-    teacher_ckpt = summarize(str(run_dir))["checkpoint"]
+    teacher_ckpt = summarize(str(run_dir)).checkpoint
     job = _job("gankd", synthetic_data, tmp_path, "gankd", 2, *TINY, teacher=teacher_ckpt)
     assert job.config.teacher.backbone == "mobilenet_v2_0.5"
     summary = run_training(job)

@@ -93,8 +93,10 @@ def fit(job: TrainJob, runtime: Runtime, data: EpochData | None = None, eval_eve
 
 
 def _finish_record(record: EpochRecord, job: TrainJob, best: dict, runtime: Runtime) -> None:
-    record.best_map, record.best_ap50, record.best_epoch = best.get("best_map"), best.get("best_ap50"), best.get(
-        "best_epoch")
+    record.best_map, record.best_ap50 = best.get("best_map"), best.get("best_ap50")
+    record.best_epoch = best.get("best_epoch")
+    # A diverged recipe scores 0 for the searcher and the scheduler, whatever its earlier epochs scored.
+    record.score = 0.0 if record.status is Status.DIVERGED else record.best_map
     record.node, record.context, record.reported_at = runtime.node(), job.context, time.time()
     if record.epoch == job.config.optim.epochs and record.status is not Status.DIVERGED:
         record.status = Status.COMPLETED
