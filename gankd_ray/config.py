@@ -304,6 +304,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def from_plain(cls: type, data: Any, where: str) -> Any:
+    """A dataclass ``cls`` from plain data (parsed YAML), each value checked against its field's type."""
+    return _from_dict(cls, data, where)
+
+
 def paper_recipe() -> DistillConfig:
     """The published GAN-KD recipe (Wang et al. 2019): WGAN critic, clip 0.03, all levels, teacher head."""
     return DistillConfig(

@@ -124,15 +124,18 @@ def write_files(**files: str | bytes) -> Setup:
     return setup
 
 
-def saved_search(argv: tuple[str, ...] = (), mode: int | None = None, owner: int | None = None) -> Setup:
-    """A search experiment at ``work/runs/bad`` as ``--resume`` finds it (``search.json`` + Tune's pickle), then
-    the pickle's mode or owner changed."""
+def saved_search(mode: int | None = None, owner: int | None = None, **fields: Any) -> Setup:
+    """A search experiment at ``work/runs/bad`` as ``--resume`` finds it (``search.yaml`` + Tune's pickle), then
+    the pickle's mode or owner changed. ``fields``: request fields saved besides data and teacher."""
 
     def setup(work: Path, inputs: dict[str, str]) -> None:
+        from gankd_ray.tune.request import SearchRequest
+
         folder = work / "runs" / "bad"
         (folder / "tune").mkdir(parents=True)
-        saved = {"argv": ["--data", inputs["data"], "--teacher", inputs["teacher"], *argv], "cwd": str(work)}
-        (folder / "search.json").write_text(json.dumps(saved))
+        request = SearchRequest(data=inputs["data"], teacher=inputs["teacher"], storage=str(work / "runs"),
+                                name="bad", **fields)
+        (folder / "search.yaml").write_text(request.to_yaml())
         pickle = folder / "tune" / "tuner.pkl"
         pickle.write_bytes(b"never unpickled by a refused resume")
         if mode is not None:
@@ -285,7 +288,7 @@ CASES: dict[str, Case] = {
         "search", RESUME, ("--resume", "tuner.pkl", "belongs to uid 4242", "refused"), saved_search(owner=4242)),
     "--resume of a search whose Optuna password was not saved": Case(
         "search", RESUME, ("--optuna-storage postgresql://gankd:***@db.example/study", "give --optuna-storage again"),
-        saved_search(("--optuna-storage", "postgresql://gankd:***@db.example/study"))),
+        saved_search(optuna_storage="postgresql://gankd:***@db.example/study")),
     "--optuna-storage env: of an unset variable": Case(
         "search", search("--optuna-storage", "env:GANKD_TEST_UNSET_DB"),
         ("--optuna-storage env:GANKD_TEST_UNSET_DB", "GANKD_TEST_UNSET_DB is not set")),

@@ -10,7 +10,7 @@ import pytest
 
 from gankd_ray.tune.optuna_storage import (OptunaStorageError, ReferencedRDBStorage, has_password, redact,
                                            resolve)
-from gankd_ray.tune.pipeline import redacted_argv
+from gankd_ray.tune.request import SearchRequest
 
 
 def test_redact_hides_only_the_password():
@@ -20,11 +20,12 @@ def test_redact_hides_only_the_password():
     assert has_password("mysql://u:p@h/d") and not has_password("sqlite:///x.db")
 
 
-def test_saved_command_lines_keep_no_password():
-    argv = ["--optuna-storage", "postgresql://u:s3cret@h/d", "--optuna-storage=mysql://u:pw2@h/d", "--seed", "1"]
-    saved = " ".join(redacted_argv(argv))
-    assert "s3cret" not in saved and "pw2" not in saved and "--seed 1" in saved
-    assert "postgresql://u:***@h/d" in saved and "--optuna-storage=mysql://u:***@h/d" in saved
+def test_saved_requests_keep_no_password():
+    saved = SearchRequest(optuna_storage="postgresql://u:s3cret@h/d", seed=1).to_yaml()
+    assert "s3cret" not in saved and "postgresql://u:***@h/d" in saved
+    back = SearchRequest.from_yaml(saved, where="search.yaml")
+    assert back.optuna_storage == "postgresql://u:***@h/d" and back.seed == 1
+    assert "env:DB" in SearchRequest(optuna_storage="env:DB").to_yaml(), "a reference is kept as it is"
 
 
 def test_references_resolve_from_the_environment_or_a_file(tmp_path, monkeypatch):

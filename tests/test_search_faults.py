@@ -104,7 +104,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(synthetic_data,
     assert proc.returncode == 0, proc.stderr[-3000:]
     leaks = [p for p in (storage / "resume").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaks, f"the Optuna storage URL was written to {leaks}"
-    assert "env:GANKD_STUDY_DB" in (storage / "resume" / "search.json").read_text()
+    assert "env:GANKD_STUDY_DB" in (storage / "resume" / "search.yaml").read_text()
     import optuna
 
     study = optuna.load_study(study_name="resume", storage=env["GANKD_STUDY_DB"])

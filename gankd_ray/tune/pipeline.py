@@ -5,27 +5,22 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gankd_ray import storage
-from gankd_ray.config import ConfigError, RunConfig
+from gankd_ray.config import RunConfig
 from gankd_ray.records import RunSummary, Status, summarize
-from gankd_ray.train.run import InputError, Resources, TrainJob, resolve_job, run_training
+from gankd_ray.train.run import InputError, TrainJob, resolve_job, run_training
 from gankd_ray.tune import results as res
+from gankd_ray.tune.request import SearchRequest
 from gankd_ray.tune.search import SearchJob
-from gankd_ray.tune.space import SpaceError, load_space
+from gankd_ray.tune.space import load_space
 from gankd_ray.utils import plain_value
 from gankd_ray.wheels import default_cache_dir
 
-DEFAULT_DATA = "data/synthetic"
-DEFAULT_STORAGE = "runs"
-DEFAULT_NAME = "default"
-DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 TEACHER_BACKBONE = "mobilenet_v2"
 DEFAULT_WEIGHTS_DIR = default_cache_dir().parent / "weights"  # a cache, not the user's working tree
 
@@ -38,57 +33,56 @@ class SearchPlan:
     resume: bool
 
 
-def plan_search(args) -> SearchPlan:
-    """Check every input and build the jobs; raises ``InputError`` before any Ray work."""
-    base = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    try:
-        base = base.with_overrides(args.overrides or [])
-    except ConfigError as err:
-        raise InputError(str(err)) from None
-    # Absolute paths: Tune runs each trial driver in its own working directory.
-    args.storage = storage.normalize_uri(args.storage)
-    if args.teacher is not None:
-        args.teacher = storage.normalize_uri(args.teacher)
-    base.data.path = args.data
-    base.optim.epochs = args.max_epochs
-    if not 1 <= args.grace_period <= args.max_epochs:
-        raise InputError(f"--grace-period {args.grace_period}: must be between 1 and --max-epochs ({args.max_epochs})")
-    _check_optuna_storage(args.optuna_storage)
+def plan_search(request: SearchRequest, resume: bool = False) -> SearchPlan:
+    """Check every input and build the jobs; raises ``InputError`` before any Ray work.
+
+    ``request`` has its defaults applied and its locations absolute (``SearchRequest.resolved``): Tune runs
+    each trial driver in its own working directory.
+    """
+    base = RunConfig.from_yaml(request.config) if request.config else RunConfig()
+    base = base.with_overrides(request.overrides)
+    base.data.path = request.data
+    base.optim.epochs = request.max_epochs  # every trial's budget; ASHA stops the weak ones earlier
+    _check_search_options(request)
     from gankd_ray.models import level_names_for
 
-    try:
-        level_names = level_names_for(base.detector)
-    except ConfigError as err:
-        raise InputError(str(err)) from None
-    try:
-        space = load_space(args.space, base, level_names)
-    except SpaceError as err:
-        raise InputError(str(err)) from None
-    experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
-    resources = Resources(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
-                          gpus_per_worker=args.gpus_per_worker)
-    baseline_cfg = _copy(base, "student")
-    baseline = resolve_job(TrainJob(config=baseline_cfg, storage=experiment_dir, name="baseline", resources=resources))
+    space = load_space(request.space, base, level_names_for(base.detector))
+    experiment_dir = request.experiment_dir
+    baseline = resolve_job(TrainJob(config=_copy(base, "student"), storage=experiment_dir, name="baseline",
+                                    resources=request.resources))
     teacher_job = None
-    if args.teacher is not None:  # check the given teacher against data and student now
+    if request.teacher is not None:  # check the given teacher against data and student now
         resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
-                             name="baseline", teacher=args.teacher, resources=resources))
-        teacher_path = args.teacher
+                             name="baseline", teacher=request.teacher, resources=request.resources))
+        teacher_path = request.teacher
     else:  # last: the ImageNet weights may be fetched, which only valid input should cost
         teacher_cfg = _copy(base, "teacher")
         teacher_cfg = teacher_cfg.with_overrides({"detector.backbone": TEACHER_BACKBONE,
-                                                  "detector.weights": teacher_weights(args.teacher_weights),
-                                                  "optim.epochs": args.teacher_epochs})
-        teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=args.storage, name=f"{args.name}-teacher",
-                                           resources=resources))
+                                                  "detector.weights": teacher_weights(request.teacher_weights),
+                                                  "optim.epochs": request.teacher_epochs})
+        teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=request.storage,
+                                           name=f"{request.name}-teacher", resources=request.resources))
         teacher_path = storage.join(teacher_job.run_dir, "best")
     job = SearchJob(
-        base=baseline.config, space=space, storage=args.storage, name=args.name, teacher=teacher_path,
-        num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor, resources=resources, seed=args.seed,
-        optuna_storage=args.optuna_storage, scheduler=args.scheduler,
+        base=baseline.config, space=space, storage=request.storage, name=request.name, teacher=teacher_path,
+        num_samples=request.num_samples, max_epochs=request.max_epochs, grace_period=request.grace_period,
+        reduction_factor=request.reduction_factor, resources=request.resources, seed=request.seed,
+        optuna_storage=request.optuna_storage, scheduler=request.scheduler, sampler=request.sampler,
+        max_concurrent=request.max_concurrent,
     )
-    return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=args.resume)
+    return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=resume)
+
+
+def _check_search_options(request: SearchRequest) -> None:
+    if not 1 <= request.grace_period <= request.max_epochs:
+        raise InputError(f"--grace-period {request.grace_period}: must be between 1 and --max-epochs "
+                         f"({request.max_epochs})")
+    for flag, value in (("--num-samples", request.num_samples), ("--max-epochs", request.max_epochs),
+                        ("--reduction-factor", request.reduction_factor - 1), ("--max-concurrent",
+                                                                               request.max_concurrent or 1)):
+        if value < 1:
+            raise InputError(f"{flag}: must be at least {2 if flag == '--reduction-factor' else 1}")
+    _check_optuna_storage(request.optuna_storage)
 
 
 def _check_optuna_storage(value: str | None) -> None:
@@ -250,78 +244,3 @@ def summary_table(best, keys: list[str], teacher: RunSummary | None, baseline: R
 
 def _num(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-
-
-REQUEST_FILE = "search.json"
-# Options that say where and how to connect, not what to search: a resume takes them from its own command line.
-CONNECTION_OPTIONS = ("address", "dashboard_host", "allow_unauthenticated_dashboard", "storage", "name")
-
-
-def save_request(plan: SearchPlan, argv: list[str]) -> None:
-    """Keep the command line so ``--resume`` continues the same search from ``--storage``/``--name`` alone."""
-    path = storage.join(plan.job.experiment_dir, REQUEST_FILE)
-    storage.write_text(path, json.dumps({"argv": redacted_argv(argv), "cwd": str(Path.cwd())}, indent=2))
-
-
-def redacted_argv(argv: list[str]) -> list[str]:
-    """``argv`` with the password of a literal ``--optuna-storage`` URL replaced by ``***``."""
-    from gankd_ray.tune.optuna_storage import redact
-
-    out: list[str] = []
-    for index, arg in enumerate(argv):
-        if arg.startswith("--optuna-storage="):
-            arg = "--optuna-storage=" + redact(arg.split("=", 1)[1])
-        elif index and argv[index - 1] == "--optuna-storage":
-            arg = redact(arg)
-        out.append(arg)
-    return out
-
-
-def check_trusted_experiment(experiment_dir: str) -> None:
-    """``--resume`` unpickles Tune's experiment and searcher state from the experiment folder, and unpickling
-    can run code: refuse a local folder (or any file in it) that another user owns or that group or others
-    may write. Object storage has no owners to check: there, write access to the experiment's prefix is trust
-    (README)."""
-    if not storage.is_local(experiment_dir):
-        return
-    root = storage.local_path(experiment_dir)
-    for path in [root, *root.rglob("*")]:
-        status = path.lstat()
-        if status.st_uid != os.getuid():
-            raise InputError(f"--resume: {path} belongs to uid {status.st_uid}, not to you (uid {os.getuid()}); "
-                             "resuming unpickles state from this folder, which can run code: refused")
-        if status.st_mode & 0o022 and not path.is_symlink():
-            raise InputError(f"--resume: {path} is writable by others (mode {status.st_mode & 0o777:o}); resuming "
-                             "unpickles state from this folder, which can run code: refused (chmod go-w it)")
-
-
-@dataclass(frozen=True)
-class SavedRequest:
-    """The command line a search was started with and the directory it was started in."""
-
-    argv: list[str]
-    cwd: str | None
-
-    def anchored(self, value: str | None) -> str | None:
-        """A path option made absolute against the directory the search started in."""
-        if value is None or "://" in value or Path(value).is_absolute() or not self.cwd:
-            return value
-        return str(Path(self.cwd, value))
-
-
-def saved_request(storage_uri: str, name: str) -> SavedRequest:
-    """What an experiment was started with; ``InputError`` when there is no such experiment."""
-    experiment_dir = storage.join(storage.normalize_uri(storage_uri), name)
-    path = storage.join(experiment_dir, REQUEST_FILE)
-    if not storage.exists(path):
-        raise InputError(f"--resume: no experiment named {name!r} in {storage_uri} ({path} is missing)")
-    check_trusted_experiment(experiment_dir)
-    try:
-        saved = json.loads(storage.read_text(path))
-        argv, cwd = saved["argv"], saved.get("cwd")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"--resume: {path} is not a gankd-ray search request") from None
-    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise InputError(f"--resume: {path}: 'argv' must be a list of strings")
-    return SavedRequest(argv=argv, cwd=cwd if isinstance(cwd, str) else None)

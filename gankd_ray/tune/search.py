@@ -38,12 +38,6 @@ TRIALS_DIR = "trials"
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20, HEAD_NODE_RESOURCE: 0.001}
 
 
-def default_grace_period(max_epochs: int) -> int:
-    """ASHA's first cut at a quarter of the budget: after one epoch from-scratch students all sit near mAP 0
-    and distillation terms slow the first epochs, so an earlier cut ranks noise (bench/search_efficiency.py)."""
-    return max(1, max_epochs // 4)
-
-
 @dataclass
 class SearchJob:
     """Everything a search needs; plain data so it can be saved for ``--resume``."""

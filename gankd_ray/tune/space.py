@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from gankd_ray.errors import InputError
 from gankd_ray.config import ConfigError, RunConfig, load_yaml
 from gankd_ray.utils import SHORT_REPR_CHARS, first_line, short_repr
 
@@ -54,7 +55,7 @@ PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 ALL_LEVELS = "all"
 
 
-class SpaceError(ValueError):
+class SpaceError(InputError):
     """A space file is invalid; the message names the file and the key."""
 
 
