@@ -105,13 +105,8 @@ class DetectorConfig:
         _check_unit_interval(f"{where}.nms_thresh", self.nms_thresh)
         if self.detections_per_img < 1:
             raise ConfigError(f"{where}.detections_per_img={self.detections_per_img}: must be >= 1")
-        from gankd_ray.models import available_backbones  # late: models imports torch
-
-        if self.backbone not in available_backbones():
-            raise ConfigError(
-                f"{where}.backbone={short_repr(self.backbone)}: unknown backbone; "
-                f"choose one of {', '.join(available_backbones())}"
-            )
+        # The backbone name is checked against the registry by gankd_ray.models.check_detector_config: the
+        # registry is the models' business, and config stays free of torch.
 
 
 @dataclass

@@ -41,7 +41,8 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from gankd_ray.config import ConfigError, DetectorConfig
-from gankd_ray.models.backbones import LEVEL_NAMES, build_feature_extractor, feature_shapes
+from gankd_ray.models.backbones import LEVEL_NAMES, available_backbones, build_feature_extractor, feature_shapes
+from gankd_ray.utils import short_repr
 
 ANCHOR_SCALES: tuple[float, ...] = (0.07, 0.15, 0.33, 0.51, 0.69, 0.87)
 ANCHOR_ASPECT_RATIOS: tuple[tuple[int, ...], ...] = ((2,), (2, 3), (2, 3), (2, 3), (2,))
@@ -78,16 +79,24 @@ def build_detector(cfg: DetectorConfig) -> "SSDDetector":
         ConfigError: invalid config, ``num_classes`` still 0 (resolve it from the dataset first), or a
             weights file that does not match the backbone.
     """
-    cfg.validate()
+    check_detector_config(cfg)
     if cfg.num_classes < 1:
         raise ConfigError("detector.num_classes=0: set it (or take it from the dataset) before building")
     extractor, channels, strides = build_feature_extractor(cfg.backbone, cfg.weights)
     return SSDDetector(extractor, channels, strides, None, cfg)
 
 
+def check_detector_config(cfg: DetectorConfig, where: str = "detector") -> None:
+    """``cfg.validate`` plus what only the models know: that the backbone is registered."""
+    cfg.validate(where)
+    if cfg.backbone not in available_backbones():
+        raise ConfigError(f"{where}.backbone={short_repr(cfg.backbone)}: unknown backbone; "
+                          f"choose one of {', '.join(available_backbones())}")
+
+
 def level_names_for(cfg: DetectorConfig) -> list[str]:
     """The level names a detector built from ``cfg`` exposes (every backbone has the same levels)."""
-    del cfg  # one level structure for all backbones, kept as a parameter so callers need not know it
+    check_detector_config(cfg)
     return list(LEVEL_NAMES)
 
 

@@ -97,6 +97,9 @@ def resolve_job(job: TrainJob) -> TrainJob:
     elif job.teacher:
         raise InputError(f"--teacher is only used with --role gankd (role is {cfg.role})")
     cfg.validate()
+    from gankd_ray.models import check_detector_config
+
+    check_detector_config(cfg.detector, "detector")
     _check_levels(cfg)
     job.resources.validate()
     try:

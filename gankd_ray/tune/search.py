@@ -5,7 +5,7 @@ named after the trial id) -> ``Tuner`` with OptunaSearch (seeded TPE over a defi
 ASHA scheduler on val mAP.
 
 Experiment layout under ``<storage>/<name>/``: ``tune/`` (Tune's experiment state), ``trials/<trial_id>/``
-(each trial's Train run: checkpoints, metrics.jsonl), ``search.json`` (what was asked, for --resume),
+(each trial's Train run: checkpoints, metrics.jsonl), ``search.yaml`` (what was asked, for --resume),
 then the results written by ``gankd_ray.tune.results``.
 """
 
@@ -40,7 +40,7 @@ DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20, HEAD_NODE_RESOURCE: 0.001}
 
 @dataclass
 class SearchJob:
-    """Everything a search needs; plain data so it can be saved for ``--resume``."""
+    """Everything the tuner needs, resolved from a ``SearchRequest`` by ``pipeline.plan_search``."""
 
     base: RunConfig
     space: SearchSpace
