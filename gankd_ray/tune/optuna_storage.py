@@ -1,7 +1,7 @@
 """The Optuna study's database (``--optuna-storage``) without leaking its password.
 
 A database URL may carry a password (``postgresql://user:pass@host/db``). Typed on the command line it is
-visible in ``ps`` and in the dashboard's job view, and a search saves its options (``search.json``) and Tune
+visible in ``ps`` and in the dashboard's job view, and a search saves its options (``search.yaml``) and Tune
 pickles the searcher (with Optuna's storage object, URL included) under the experiment. So the option also
 takes a *reference* that is resolved only in memory:
 
