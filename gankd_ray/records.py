@@ -28,6 +28,8 @@ class Status(str, enum.Enum):
     COMPLETED = "completed"
     DIVERGED = "diverged"  # a non-finite loss: the recipe failed (scored 0 for the scheduler and the searcher)
     STOPPED_EARLY = "stopped_early"  # a trial ASHA stopped (tables only: its run never learns it was stopped)
+    GAN_FAILED = "gan_failed"  # a trial stopped because its adversarial game had ended (tables only; see
+    # gankd_ray.distill.health): its student is as good as its best epoch, but the search spent no more on it
     ERROR = "error"  # a trial that raised, or a run without a single record
 
     def __str__(self) -> str:

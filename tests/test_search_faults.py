@@ -119,3 +119,30 @@ def test_killed_search_resumes_without_rerunning_finished_trials(synthetic_data,
     assert sorted(epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2]] * 4
     assert (storage / "resume" / "report" / "report.md").exists()
     assert torch.load(storage / "resume" / "best" / "student.pt", weights_only=True)["state_dict"]
+
+
+# Critics made to win: a 10x critic learning rate against a student that barely answers them (adv_weight 1e-4).
+SATURATING_SPACE = """
+params:
+  adv_weight: 1.0e-4
+  lr_ratio: 10.0
+  adv_loss: lsgan
+  levels: [level1, level2]
+"""
+
+
+def test_a_trial_whose_critics_saturate_stops_as_gan_failed(synthetic_data, untrained_teacher, tmp_path):
+    space = tmp_path / "saturating.yaml"
+    space.write_text(SATURATING_SPACE)
+    max_epochs = 6
+    proc = search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "sat",
+                  "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "1",
+                  "--max-epochs", str(max_epochs), "--scheduler", "fifo", "--gan-patience", "2", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "runs" / "sat" / "trials.parquet")
+    (row,) = trials.itertuples()
+    assert row.status == "gan_failed" and "saturated" in row.gan_reason, trials.T
+    assert row.epochs < max_epochs, "the search spent no more epochs on it"
+    epochs = pd.read_parquet(tmp_path / "runs" / "sat" / "epochs.parquet").sort_values("epoch")
+    last = epochs.tail(2)
+    assert (last[["disc/acc/level1", "disc/acc/level2"]] >= 0.98).all().all(), last.T

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from-scratch students all sit near mAP 0, and a cut there ranks noise)")
     p.add_argument("--reduction-factor", type=int)
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    p.add_argument("--gan-patience", type=int,
+                   help="stop a trial whose critics saturated or collapsed for this many epochs (default 3; 0: never)")
     p.add_argument("--workers-per-trial", type=int)
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--gpus-per-worker", type=float)

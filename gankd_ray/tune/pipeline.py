@@ -68,20 +68,21 @@ def plan_search(request: SearchRequest, resume: bool = False) -> SearchPlan:
         num_samples=request.num_samples, max_epochs=request.max_epochs, grace_period=request.grace_period,
         reduction_factor=request.reduction_factor, resources=request.resources, seed=request.seed,
         optuna_storage=request.optuna_storage, scheduler=request.scheduler, sampler=request.sampler,
-        max_concurrent=request.max_concurrent,
+        max_concurrent=request.max_concurrent, gan_patience=request.gan_patience,
     )
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=resume)
 
 
 def _check_search_options(request: SearchRequest) -> None:
+    minimums = {"--num-samples": (request.num_samples, 1), "--max-epochs": (request.max_epochs, 1),
+                "--reduction-factor": (request.reduction_factor, 2), "--gan-patience": (request.gan_patience, 0),
+                "--max-concurrent": (1 if request.max_concurrent is None else request.max_concurrent, 1)}
+    for flag, (value, minimum) in minimums.items():
+        if value < minimum:
+            raise InputError(f"{flag} {value}: must be at least {minimum}")
     if not 1 <= request.grace_period <= request.max_epochs:
         raise InputError(f"--grace-period {request.grace_period}: must be between 1 and --max-epochs "
                          f"({request.max_epochs})")
-    for flag, value in (("--num-samples", request.num_samples), ("--max-epochs", request.max_epochs),
-                        ("--reduction-factor", request.reduction_factor - 1), ("--max-concurrent",
-                                                                               request.max_concurrent or 1)):
-        if value < 1:
-            raise InputError(f"{flag}: must be at least {2 if flag == '--reduction-factor' else 1}")
     _check_optuna_storage(request.optuna_storage)
 
 
@@ -212,7 +213,7 @@ def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: 
     from gankd_ray.tune.report import write_report
 
     job = plan.job
-    trials, epochs = res.collect(result_grid, job.trials_dir, job.max_epochs, job.space.keys)
+    trials, epochs = res.collect(result_grid, job.trials_dir, job.max_epochs, job.space.keys, job.gan_patience)
     res.write_tables(job.experiment_dir, trials, epochs)
     best = res.best_trial(trials)
     best_id = None if best is None else str(best["trial_id"])

@@ -21,6 +21,7 @@ import yaml
 
 from gankd_ray import storage
 from gankd_ray.config import from_plain, load_yaml
+from gankd_ray.distill.health import DEFAULT_PATIENCE
 from gankd_ray.errors import InputError
 from gankd_ray.train.spec import Resources
 from gankd_ray.utils import first_line
@@ -63,6 +64,7 @@ class SearchRequest:
     grace_period: int | None = None  # None: default_grace_period(max_epochs)
     reduction_factor: int = 2
     max_concurrent: int | None = None
+    gan_patience: int = DEFAULT_PATIENCE  # epochs of an ended adversarial game before its trial stops (0: never)
     resources: Resources = field(default_factory=Resources)  # of each trial
     seed: int = 0
     optuna_storage: str | None = None

@@ -14,15 +14,21 @@ from typing import Any
 import pandas as pd
 
 from gankd_ray import storage
+from gankd_ray.distill.health import gan_verdict
 from gankd_ray.records import EpochRecord, Status, best_record, read_records
 
-TRIAL_COLUMNS = ["trial_id", "status", "epochs", "best_map", "best_ap50", "last_map", "wall_s", "node", "error"]
+TRIAL_COLUMNS = ["trial_id", "status", "epochs", "best_map", "best_ap50", "last_map", "wall_s", "node", "error",
+                 "gan_reason"]
 
 
 def trial_row(trial_id: str, params: dict[str, Any], records: list[EpochRecord], error: str | None,
-              max_epochs: int, keys: list[str]) -> dict[str, Any]:
-    """One trials.parquet row from a trial's epoch records and Tune's error (if any)."""
-    row: dict[str, Any] = {"trial_id": trial_id, "error": error}
+              max_epochs: int, keys: list[str], gan_patience: int = 0) -> dict[str, Any]:
+    """One trials.parquet row from a trial's epoch records and Tune's error (if any).
+
+    ``gan_patience``: the search's GanHealthStopper patience; a trial that stopped early on its verdict is
+    ``gan_failed``, with the verdict in ``gan_reason``.
+    """
+    row: dict[str, Any] = {"trial_id": trial_id, "error": error, "gan_reason": None}
     row["epochs"] = max((r.epoch for r in records), default=0)
     best = best_record([r for r in records if r.status is not Status.DIVERGED])
     row["best_map"] = _or_nan(best.map if best else None)
@@ -32,7 +38,11 @@ def trial_row(trial_id: str, params: dict[str, Any], records: list[EpochRecord],
     row["last_map"] = _or_nan(records[-1].map if records else None)
     row["wall_s"] = _wall_seconds(records)
     row["node"] = _nodes(records)
-    row["status"] = _status(records, error, max_epochs).value
+    status = _status(records, error, max_epochs)
+    if status is Status.STOPPED_EARLY and gan_patience:
+        row["gan_reason"] = gan_verdict([r.terms for r in records], gan_patience)
+        status = Status.GAN_FAILED if row["gan_reason"] else status
+    row["status"] = status.value
     for key in keys:
         row[key] = params.get(key)
     return row
@@ -69,7 +79,8 @@ def _wall_seconds(records: list[EpochRecord]) -> float:
     return max(ended) - min(started)
 
 
-def collect(result_grid, trials_dir: str, max_epochs: int, keys: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect(result_grid, trials_dir: str, max_epochs: int, keys: list[str],
+            gan_patience: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, epochs) tables from a Tune ResultGrid and the trials' metrics logs."""
     trial_rows, epoch_rows = [], []
     for result in result_grid:
@@ -77,7 +88,7 @@ def collect(result_grid, trials_dir: str, max_epochs: int, keys: list[str]) -> t
         records = read_records(storage.join(trials_dir, trial_id))
         params = {k: v for k, v in (result.config or {}).items() if k in keys}
         error = _one_line(result.error) if result.error else None
-        trial_rows.append(trial_row(trial_id, params, records, error, max_epochs, keys))
+        trial_rows.append(trial_row(trial_id, params, records, error, max_epochs, keys, gan_patience))
         epoch_rows.extend({"trial_id": trial_id, **r.to_dict()} for r in records)
     trials = pd.DataFrame(trial_rows)
     for column in TRIAL_COLUMNS + keys:

@@ -19,6 +19,7 @@ from typing import Any
 from gankd_ray import storage
 from gankd_ray.cluster import HEAD_NODE_RESOURCE
 from gankd_ray.config import RunConfig
+from gankd_ray.distill.health import DEFAULT_PATIENCE, gan_verdict
 from gankd_ray.records import EpochRecord, RunContext, read_records
 from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, Resources, TrainJob
 from gankd_ray.tune.space import SearchSpace
@@ -58,6 +59,7 @@ class SearchJob:
     max_concurrent: int | None = None
     scheduler: str = "asha"  # or "fifo": every trial runs max_epochs (benchmarks compare the two)
     sampler: str = "tpe"  # or "random": Optuna's RandomSampler at the same budget
+    gan_patience: int = DEFAULT_PATIENCE  # epochs of an ended adversarial game before its trial stops (0: never)
 
     @property
     def experiment_dir(self) -> str:
@@ -171,6 +173,7 @@ def build_tuner(job: SearchJob, resources: dict[str, float]):
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR,
             storage_path=job.experiment_dir,
+            stop=GanHealthStopper(job.gan_patience) if job.gan_patience else None,
             failure_config=ray.tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
@@ -197,6 +200,21 @@ def build_sampler(job: SearchJob):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=job.seed, n_startup_trials=startup_trials(job.num_samples),
                                           multivariate=True, group=True, constant_liar=True)
+
+
+class GanHealthStopper:
+    """A Tune stopper: ends a trial once ``gan_verdict`` says its adversarial game has ended (the trial's table
+    row then reads ``gan_failed`` with the reason, from the same verdict on its metrics log). A plain callable:
+    Tune wraps it in its FunctionStopper, and this module need not import Ray."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.history: dict[str, list[dict[str, float]]] = {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        epochs = self.history.setdefault(trial_id, [])
+        epochs.append({k: v for k, v in result.items() if isinstance(v, float)})
+        return gan_verdict(epochs, self.patience) is not None
 
 
 def restore_tuner(job: SearchJob):
