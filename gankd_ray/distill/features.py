@@ -13,7 +13,12 @@ from torch import Tensor
 
 Features = dict[str, Tensor]
 
-_STD_EPS = 1e-5  # BatchNorm's: a constant channel (a dead ReLU) maps to 0, not to a division by 0
+# The variance floor, relative to the level's mean channel variance: a map's overall scale never
+# matters (a random teacher's deep levels are ~1e-6) and channels whose std differs by 100x are both
+# standardised, yet a channel 10^4 times quieter than its level's average is not blown up to unit
+# variance; the absolute floor keeps an all-zero level (dead ReLUs) at 0.
+_RELATIVE_VAR_EPS = 1e-8
+_ABSOLUTE_VAR_EPS = 1e-20
 _ENERGY_FLOOR = 1e-6  # a teacher level that is all zeros would otherwise make any error infinite
 
 
@@ -32,7 +37,8 @@ def standardize(features: Mapping[str, Tensor]) -> Features:
         x = x.float()
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         var = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
-        out[level] = (x - mean) * torch.rsqrt(var + _STD_EPS)
+        floor = _RELATIVE_VAR_EPS * var.mean().detach() + _ABSOLUTE_VAR_EPS
+        out[level] = (x - mean) * torch.rsqrt(var + floor)
     return out
 
 
