@@ -44,7 +44,9 @@ REGULARISED = {"update": "alternating", "r1_weight": 1.0, "instance_noise": 0.1,
         ("own", "lsgan", "spectral", "strided", REGULARISED),
     ],
 )
-def test_step_under_ddp(process_group: None, head_mode: str, adv_loss: str, norm: str, output: str, extra: dict) -> None:
+def test_step_under_ddp(
+    process_group: None, head_mode: str, adv_loss: str, norm: str, output: str, extra: dict
+) -> None:
     cfg = RunConfig(
         detector=DetectorConfig(backbone="mobilenet_v2_0.35", num_classes=3),
         teacher=DetectorConfig(backbone="mobilenet_v2_0.5", num_classes=3),

@@ -62,7 +62,9 @@ def test_paper_critics_score_each_image_once_from_a_1x1_map(tmp_path: Path, synt
     assert all(g["betas"] == (0.5, 0.999) for g in step.disc_optimizer.param_groups)
     score_maps: dict[str, list[torch.Size]] = {}
     for level, disc in step.critics.discriminators.items():
-        disc.score.register_forward_hook(lambda module, args, out, level=level: score_maps.setdefault(level, []).append(out.shape))
+        disc.score.register_forward_hook(
+            lambda module, args, out, level=level: score_maps.setdefault(level, []).append(out.shape)
+        )
     loader = DetectionBatchLoader.from_dataset(synthetic_data, "train", SIZE, 2, train=False, num_workers=0)
     images, targets, _ = next(iter(loader))
     metrics = step.train_step(images, targets, 0.0)

@@ -445,7 +445,8 @@ def changed(before: list[torch.Tensor], module: nn.Module) -> bool:
 
 
 def test_r1_penalty_changes_the_critic_update_only(teacher: SSDDetector, batch: Batch) -> None:
-    steps = {weight: make_step(run_config(levels=["level1", "level2"], r1_weight=weight), teacher) for weight in (0.0, 10.0)}
+    levels = ["level1", "level2"]
+    steps = {weight: make_step(run_config(levels=levels, r1_weight=weight), teacher) for weight in (0.0, 10.0)}
     metrics = {weight: step.train_step(*batch, 0.0) for weight, step in steps.items()}
     plain, penalised = metrics[0.0], metrics[10.0]
     for level in ("level1", "level2"):

@@ -112,7 +112,9 @@ class DiscriminatorModule(nn.Module):
     ``r1_weight > 0``.
     """
 
-    def __init__(self, discriminators: nn.ModuleDict, kind: str, gp_weight: float = 10.0, r1_weight: float = 0.0) -> None:
+    def __init__(
+        self, discriminators: nn.ModuleDict, kind: str, gp_weight: float = 10.0, r1_weight: float = 0.0
+    ) -> None:
         super().__init__()
         self.discriminators = discriminators
         self.kind = kind

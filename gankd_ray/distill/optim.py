@@ -41,7 +41,7 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
 
 
 def build_student_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` (sgd / adam / adamw, the last two with ``cfg.betas``) over the trainable parameters of ``module``.
+    """``cfg.optimizer`` (sgd; adam / adamw with ``cfg.betas``) over the trainable parameters of ``module``.
 
     Weight decay applies to weights only: decaying norm scales and biases just fights the norm.
     """

@@ -114,7 +114,9 @@ def _adapted_detector(
 ) -> SSDDetector:
     from gankd_ray.models import SSDDetector  # late: models is a sibling package
 
-    adapters = build_adapters(student.level_names, student.level_channels, teacher_channels, teacher_sizes, activations)
+    adapters = build_adapters(
+        student.level_names, student.level_channels, teacher_channels, teacher_sizes, activations
+    )
     backbone = AdaptedBackbone(student.backbone, adapters)
     return SSDDetector(backbone, teacher_channels, student.level_strides, head, student.config, anchor_generator)
 
