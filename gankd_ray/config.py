@@ -28,7 +28,8 @@ ROLES = ("teacher", "student", "gankd")
 HEAD_MODES = ("own", "teacher")
 ADV_LOSSES = ("wgan", "wgan-gp", "lsgan", "bce", "hinge")
 DISC_NORMS = ("none", "batch", "instance", "spectral")
-DISC_OUTPUTS = ("global", "patch")
+DISC_OUTPUTS = ("global", "patch", "strided")
+UPDATE_MODES = ("simultaneous", "alternating")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -111,7 +112,12 @@ class DetectorConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    """One discriminator per distilled level: ``depth`` strided conv blocks of ``width`` channels."""
+    """One discriminator per distilled level: ``depth`` strided conv blocks of ``width`` channels.
+
+    ``output``: ``global`` (the mean of the score map), ``patch`` (the map) or ``strided`` (the
+    paper's critic: strided blocks continue, at least ``depth`` of them, until the level's map is
+    1x1, whose one value is the image's score).
+    """
 
     depth: int = 2
     width: int = 64
@@ -144,6 +150,18 @@ class DistillConfig:
         gp_weight: gradient-penalty weight for ``wgan-gp``.
         n_critic: discriminator steps per student step.
         lr_ratio: lr_D / lr_G.
+        match_activation: each adapter ends in its teacher tap's own activation (ReLU after a
+            post-ReLU tap), so adapted student maps have the kind of the teacher's.
+        standardize: standardise teacher and student maps per channel (batch and spatial
+            statistics, each side its own) before the critics and the imitation term.
+        instance_noise: std of Gaussian noise added to every critic input (both sides), annealed
+            linearly to 0 over ``instance_noise_epochs`` (0 = off).
+        instance_noise_epochs: the annealing span, in epochs of progress (> 0).
+        r1_weight: gamma of the R1 penalty ``gamma / 2 * E||grad_x D(teacher)||^2`` (0 = off).
+        update: ``simultaneous`` (critic and student gradients at the same point, one step each,
+            ``n_critic - 1`` extra critic updates on the same maps) or ``alternating``
+            (``n_critic`` steps that update only the critics, each on its own batch, then one
+            that updates only the student).
     """
 
     levels: list[str] = field(default_factory=list)
@@ -157,14 +175,21 @@ class DistillConfig:
     gp_weight: float = 10.0
     n_critic: int = 1
     lr_ratio: float = 1.0
+    match_activation: bool = True
+    standardize: bool = False
+    instance_noise: float = 0.0
+    instance_noise_epochs: float = 1.0
+    r1_weight: float = 0.0
+    update: str = "simultaneous"
 
     def validate(self) -> None:
         _check_choice("distill.head_mode", self.head_mode, HEAD_MODES)
         _check_choice("distill.adv_loss", self.adv_loss, ADV_LOSSES)
-        for name in ("adv_weight", "feat_weight", "adv_warmup_epochs", "gp_weight"):
+        _check_choice("distill.update", self.update, UPDATE_MODES)
+        for name in ("adv_weight", "feat_weight", "adv_warmup_epochs", "gp_weight", "instance_noise", "r1_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name}={getattr(self, name)}: must be >= 0")
-        for name in ("clip", "lr_ratio"):
+        for name in ("clip", "lr_ratio", "instance_noise_epochs"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"distill.{name}={getattr(self, name)}: must be > 0")
         if self.n_critic < 1:
@@ -175,7 +200,10 @@ class DistillConfig:
 
 @dataclass
 class OptimConfig:
-    """Student (generator) optimisation; the discriminators use Adam at lr * distill.lr_ratio."""
+    """Student (generator) optimisation; the discriminators use Adam at lr * distill.lr_ratio.
+
+    ``betas`` are the student's Adam/AdamW betas, ``disc_betas`` the critics' Adam betas.
+    """
 
     optimizer: str = "adamw"
     lr: float = 2e-3
@@ -184,6 +212,7 @@ class OptimConfig:
     batch_size: int = 8
     epochs: int = 4
     warmup_epochs: float = 0.5
+    betas: tuple[float, float] = (0.9, 0.999)
     disc_betas: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 10.0
     bf16: bool = False
@@ -198,6 +227,9 @@ class OptimConfig:
             raise ConfigError(f"optim.epochs={self.epochs}: must be >= 1")
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
             raise ConfigError("optim.weight_decay, warmup_epochs and grad_clip must be >= 0")
+        for name in ("betas", "disc_betas"):
+            if not all(0.0 <= beta < 1.0 for beta in getattr(self, name)):
+                raise ConfigError(f"optim.{name}={list(getattr(self, name))}: each beta must be in [0, 1)")
 
 
 @dataclass

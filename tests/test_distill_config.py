@@ -28,9 +28,11 @@ def _non_default_config() -> RunConfig:
         distill=DistillConfig(
             levels=["level0", "level2"], head_mode="teacher", finetune_teacher_head=True, adv_loss="wgan-gp",
             adv_weight=0.5, adv_warmup_epochs=1.5, feat_weight=0.25, gp_weight=5.0, n_critic=3, lr_ratio=2.0,
+            match_activation=False, standardize=True, instance_noise=0.2, instance_noise_epochs=3.0, r1_weight=5.0,
+            update="alternating",
         ),
-        discriminator=DiscriminatorConfig(depth=3, width=32, norm="instance", output="patch"),
-        optim=OptimConfig(optimizer="sgd", lr=1e-3, disc_betas=(0.0, 0.9), bf16=True),
+        discriminator=DiscriminatorConfig(depth=3, width=32, norm="instance", output="strided"),
+        optim=OptimConfig(optimizer="sgd", lr=1e-3, betas=(0.5, 0.99), disc_betas=(0.0, 0.9), bf16=True),
     )
 
 
@@ -82,6 +84,23 @@ def test_distill_validation_rejects_bad_values() -> None:
         DistillConfig(n_critic=0).validate()
     with pytest.raises(ConfigError, match="discriminator.norm"):
         DiscriminatorConfig(norm="layer").validate()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (DistillConfig(update="sequential"), "distill.update='sequential'"),
+        (DistillConfig(instance_noise=-0.1), "distill.instance_noise=-0.1"),
+        (DistillConfig(instance_noise_epochs=0.0), "distill.instance_noise_epochs=0.0"),
+        (DistillConfig(r1_weight=-1.0), "distill.r1_weight=-1.0"),
+        (DiscriminatorConfig(output="pooled"), "discriminator.output='pooled'"),
+        (OptimConfig(betas=(0.5, 1.0)), r"optim.betas=\[0.5, 1.0\]"),
+        (OptimConfig(disc_betas=(-0.1, 0.9)), r"optim.disc_betas=\[-0.1, 0.9\]"),
+    ],
+)
+def test_new_knobs_are_validated(config: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
 
 
 def test_paper_recipe() -> None:

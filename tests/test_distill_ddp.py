@@ -30,16 +30,28 @@ def process_group(tmp_path: Path):
         dist.destroy_process_group()
 
 
+# The regularised, alternating game: critic-only steps (student forward without a graph) and
+# student-only steps (critic terms from the unwrapped critics), R1 inside the critics' DDP forward.
+REGULARISED = {"update": "alternating", "r1_weight": 1.0, "instance_noise": 0.1, "standardize": True}
+
+
 @pytest.mark.parametrize(
-    ("head_mode", "adv_loss", "norm"),
-    [("own", "wgan-gp", "spectral"), ("teacher", "lsgan", "batch"), ("teacher", "wgan", "instance")],
+    ("head_mode", "adv_loss", "norm", "output", "extra"),
+    [
+        ("own", "wgan-gp", "spectral", "global", {}),
+        ("teacher", "lsgan", "batch", "global", {}),
+        ("teacher", "wgan", "instance", "global", {}),
+        ("own", "lsgan", "spectral", "strided", REGULARISED),
+    ],
 )
-def test_step_under_ddp(process_group: None, head_mode: str, adv_loss: str, norm: str) -> None:
+def test_step_under_ddp(
+    process_group: None, head_mode: str, adv_loss: str, norm: str, output: str, extra: dict
+) -> None:
     cfg = RunConfig(
         detector=DetectorConfig(backbone="mobilenet_v2_0.35", num_classes=3),
         teacher=DetectorConfig(backbone="mobilenet_v2_0.5", num_classes=3),
-        distill=DistillConfig(head_mode=head_mode, adv_loss=adv_loss, n_critic=2, feat_weight=0.1),
-        discriminator=DiscriminatorConfig(norm=norm),
+        distill=DistillConfig(head_mode=head_mode, adv_loss=adv_loss, n_critic=2, feat_weight=0.1, **extra),
+        discriminator=DiscriminatorConfig(norm=norm, output=output),
     )
     torch.manual_seed(0)
     wrapped: list[DistributedDataParallel] = []

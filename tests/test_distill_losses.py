@@ -1,4 +1,5 @@
-"""Adversarial loss maths on hand-computed cases, gradient penalty, clipping, discriminators, adapters."""
+"""Adversarial loss maths on hand-computed cases, gradient and R1 penalties, clipping, discriminators, adapters
+and the tap activations they end in, the distillation inputs (standardisation, noise, relative imitation)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 from torch import nn
 
 from gankd_ray.config import ADV_LOSSES, DISC_NORMS, DiscriminatorConfig
-from gankd_ray.distill import adversarial
-from gankd_ray.distill.adapters import FeatureAdapter, build_adapters
+from gankd_ray.distill import DiscriminatorModule, adversarial, features
+from gankd_ray.distill.adapters import FeatureAdapter, build_adapters, tap_activations
 from gankd_ray.distill.discriminators import LevelDiscriminator, build_discriminators
+from gankd_ray.models import available_backbones, build_feature_extractor
 
 torch.set_num_threads(1)
 
@@ -100,6 +102,39 @@ def test_gradient_penalty_trains_the_critic() -> None:
     torch.testing.assert_close(weight.grad, expected)
 
 
+@pytest.mark.parametrize("patch", [False, True])
+def test_r1_penalty_on_linear_critic(patch: bool) -> None:
+    # D(x) = <w, x>: input gradient w (w / P per sample for a patch critic), so R1 = 0.5 ||w||^2.
+    weight = torch.zeros(2, 3, 3)
+    weight[0, 0, 0], weight[1, 2, 2] = 2.0, 2.0 * math.sqrt(2.0)  # ||w||^2 = 12
+    real = torch.randn(5, 2, 3, 3, requires_grad=True)
+    penalty = adversarial.r1_penalty(_linear_critic_scores(real, weight, patch), real)
+    squared_norm = 12.0 / (weight.numel() ** 2 if patch else 1)
+    assert penalty.item() == pytest.approx(0.5 * squared_norm, rel=1e-5)
+
+
+def test_r1_weight_adds_the_penalty_and_changes_the_critic_gradient() -> None:
+    torch.manual_seed(0)
+    disc = nn.ModuleDict({"level0": LevelDiscriminator(4, depth=2, width=8, norm="spectral", output="global")})
+    real, fake = {"level0": torch.randn(3, 4, 8, 8)}, {"level0": torch.randn(3, 4, 8, 8) + 1.0}
+    grads, losses, terms = [], [], []
+    for r1_weight in (0.0, 10.0):
+        critics = DiscriminatorModule(disc, "lsgan", r1_weight=r1_weight).eval()  # eval: same spectral vectors
+        disc.zero_grad(set_to_none=True)
+        loss, level_terms = critics(real, fake)
+        loss.backward()
+        losses.append(loss.item())
+        terms.append(level_terms)
+        grads.append([p.grad.clone() for p in disc.parameters()])
+    assert "disc/r1/level0" not in terms[0]
+    r1 = terms[1]["disc/r1/level0"].item()
+    assert r1 > 0
+    assert losses[1] == pytest.approx(losses[0] + 10.0 * r1, rel=1e-5)
+    assert terms[1]["disc/loss/level0"].item() == pytest.approx(losses[1], rel=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0], grads[1]))
+    assert real["level0"].grad is None  # the penalty differentiates a copy of the teacher maps, not them
+
+
 def test_interpolate_lies_between_real_and_fake() -> None:
     real, fake = torch.ones(64, 1, 2, 2), torch.zeros(64, 1, 2, 2)
     x_hat = adversarial.interpolate(real, fake)
@@ -141,6 +176,21 @@ def test_discriminator_shapes_on_tiny_and_normal_maps(norm: str, output: str) ->
             assert all(p.grad is not None for p in disc.parameters()), (norm, depth, size)
 
 
+@pytest.mark.parametrize("norm", DISC_NORMS)
+def test_strided_discriminator_strides_down_to_one_score(norm: str) -> None:
+    for size, depth, blocks in ((20, 1, 5), (5, 1, 3), (2, 1, 1), (1, 2, 2), (20, 6, 6)):
+        disc = LevelDiscriminator(6, depth=depth, width=8, norm=norm, output="strided", input_size=(size, size))
+        maps: list[torch.Tensor] = []
+        disc.score.register_forward_hook(lambda module, args, out: maps.append(out))
+        assert disc.depth == blocks, (size, depth)
+        assert disc(torch.randn(2, 6, size, size)).shape == (2, 1)
+        assert maps[-1].shape == (2, 1, 1, 1)  # the score is the 1x1 map itself, nothing averaged
+    with pytest.raises(ValueError, match="larger than the level size"):
+        LevelDiscriminator(6, 1, 8, norm, "strided", input_size=(5, 5))(torch.randn(1, 6, 20, 20))
+    with pytest.raises(ValueError, match="needs the level's input_size"):
+        LevelDiscriminator(6, 1, 8, norm, "strided")
+
+
 def test_discriminator_norm_layers() -> None:
     def count(disc: nn.Module, kind: type) -> int:
         return sum(isinstance(m, kind) for m in disc.modules())
@@ -180,3 +230,68 @@ def test_adapter_is_scriptable() -> None:
     scripted = torch.jit.script(adapter)
     x = torch.randn(1, 4, 6, 6)
     torch.testing.assert_close(scripted(x), adapter(x))
+
+
+# What each backbone's taps end in, from reading torchvision's code: MobileNet stages end in a
+# linear bottleneck (plus residual) at strides 8/16 and in Conv-BN-ReLU6 (v2) or Hardswish (v3) at
+# 32; ResNet stages end in the ReLU after the residual add; the extra blocks in ReLU.
+EXPECTED_TAPS = {
+    "mobilenet_v2": (nn.Identity, nn.Identity, nn.ReLU6, nn.ReLU, nn.ReLU),
+    "mobilenet_v3": (nn.Identity, nn.Identity, nn.Hardswish, nn.ReLU, nn.ReLU),
+    "resnet": (nn.ReLU,) * 5,
+}
+
+
+@pytest.mark.parametrize("backbone", available_backbones())
+def test_tap_activations_are_read_from_the_backbone(backbone: str) -> None:
+    extractor, _, _ = build_feature_extractor(backbone)
+    found = tap_activations(extractor)
+    family = next(name for name in EXPECTED_TAPS if backbone.startswith(name))
+    assert [type(found[level]) for level in extractor.level_names] == list(EXPECTED_TAPS[family])
+    assert not any(getattr(module, "inplace", False) for module in found.values())
+
+
+def test_adapter_applies_its_activation_before_the_resize() -> None:
+    adapters = build_adapters(
+        ["level0", "level1"], {"level0": 4, "level1": 4}, {"level0": 6, "level1": 6},
+        {"level0": (3, 3), "level1": (3, 3)}, {"level0": nn.ReLU6(), "level1": nn.Identity()},
+    ).train()
+    x = 10 * torch.randn(8, 4, 7, 7)
+    post_relu6, linear = adapters["level0"](x), adapters["level1"](x)
+    assert post_relu6.min() >= 0 and post_relu6.max() <= 6 and post_relu6.max() > 0
+    assert linear.min() < 0
+    scripted = torch.jit.script(adapters["level0"].eval())
+    torch.testing.assert_close(scripted(x), adapters["level0"](x))
+
+
+# ------------------------------------------------------------------------------------------------
+# distillation inputs
+
+
+def test_imitation_is_relative_per_level_whatever_the_channels_and_scale() -> None:
+    torch.manual_seed(0)
+    real = {"level0": torch.randn(2, 8, 10, 10), "level2": 3.0 + 5.0 * torch.rand(2, 256, 3, 3)}
+    fake = {level: 1.1 * x for level, x in real.items()}  # 10 % relative error everywhere
+    terms = features.imitation_losses(fake, real)
+    assert terms["level0"].item() == pytest.approx(0.01, rel=1e-5)
+    assert terms["level2"].item() == pytest.approx(0.01, rel=1e-5)
+    plain_mse = {level: nn.functional.mse_loss(fake[level], x).item() for level, x in real.items()}
+    assert plain_mse["level2"] > 10 * plain_mse["level0"]  # what an unnormalised term would weigh
+
+
+def test_standardize_per_channel_each_side_on_its_own() -> None:
+    x = torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 10.0, 0.1]).view(1, 3, 1, 1) + 7.0
+    tiny = 1e-6 * torch.randn(4, 3, 5, 5)  # a random teacher's deep level: the scale must not matter
+    out = features.standardize({"level0": x, "level1": torch.zeros(2, 2, 1, 1), "level2": tiny})
+    per_channel = out["level0"].transpose(0, 1).flatten(1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+    tiny_std = out["level2"].transpose(0, 1).flatten(1).std(1, unbiased=False)
+    torch.testing.assert_close(tiny_std, torch.ones(3), atol=1e-3, rtol=0)
+    assert torch.equal(out["level1"], torch.zeros(2, 2, 1, 1))  # a constant channel: 0, not nan
+
+
+def test_instance_noise_anneals_linearly_to_zero() -> None:
+    schedule = [features.instance_noise_std(0.4, 2.0, p) for p in (0.0, 0.5, 1.0, 2.0, 3.0, 100.0)]
+    assert schedule == pytest.approx([0.4, 0.3, 0.2, 0.0, 0.0, 0.0])
+    assert features.instance_noise_std(0.0, 2.0, 0.0) == 0.0

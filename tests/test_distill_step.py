@@ -394,3 +394,147 @@ def test_predict_gives_original_coordinates_and_keeps_train_mode(teacher: SSDDet
     assert wide[:, 2].max() > SIZE and wide[:, [0, 2]].max() <= 640 and wide[:, [1, 3]].max() <= 320
     assert small.max() <= 80
     assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+# ------------------------------------------------------------------------------------------------
+# features a critic cannot separate by construction artefacts
+
+
+def sign_kinds(maps: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Per level: non-negative everywhere (a post-ReLU map) or not."""
+    return {level: bool(x.min() >= 0) for level, x in maps.items()}
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name"), [(TEACHER, "mobilenet_v3_small"), ("resnet18", STUDENT)])
+@pytest.mark.parametrize("head_mode", ["own", "teacher"])
+def test_adapted_student_maps_have_the_teacher_taps_sign_range(
+    teacher_name: str, student_name: str, head_mode: str, batch: Batch
+) -> None:
+    # A random teacher (its taps are what its code makes them) and a fresh student, in training mode.
+    pair_teacher = detector(teacher_name, seed=1)
+    cfg = run_config(head_mode=head_mode)
+    cfg.detector.backbone, cfg.teacher.backbone = student_name, teacher_name
+    kinds = {}
+    for match in (True, False):
+        cfg.distill.match_activation = match
+        step = build_step(cfg, pair_teacher, student=detector(student_name)).train(True)
+        with torch.no_grad():
+            real = step.teacher(batch[0])
+            _, fake = step.student(*batch)
+        kinds[match] = (sign_kinds(real), sign_kinds(fake))
+        if match and head_mode == "teacher":  # the rebuilt export layout ends in the same activations
+            trained = [type(a.activation) for a in step.detector.backbone.adapters.values()]
+            rebuilt = [type(a.activation) for a in build_student(cfg).backbone.adapters.values()]
+            assert trained == rebuilt
+    teacher_kinds, student_kinds = kinds[True]
+    assert student_kinds == teacher_kinds
+    assert any(teacher_kinds.values())  # some taps are post-ReLU: the check has teeth
+    assert kinds[False][1] != teacher_kinds  # linear adapters (the former ones) do not match
+
+
+# ------------------------------------------------------------------------------------------------
+# critic regularisers and update modes
+
+
+def parameters_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before: list[torch.Tensor], module: nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_r1_penalty_changes_the_critic_update_only(teacher: SSDDetector, batch: Batch) -> None:
+    levels = ["level1", "level2"]
+    steps = {weight: make_step(run_config(levels=levels, r1_weight=weight), teacher) for weight in (0.0, 10.0)}
+    metrics = {weight: step.train_step(*batch, 0.0) for weight, step in steps.items()}
+    plain, penalised = metrics[0.0], metrics[10.0]
+    for level in ("level1", "level2"):
+        assert f"disc/r1/{level}" not in plain
+        r1 = penalised[f"disc/r1/{level}"]
+        assert r1 > 0
+        assert penalised[f"disc/loss/{level}"] == pytest.approx(plain[f"disc/loss/{level}"] + 10.0 * r1, rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(steps[0.0].critics.parameters(), steps[10.0].critics.parameters()))
+    # Simultaneous update: the student's gradient was taken at the same critics in both runs.
+    assert all(torch.equal(a, b) for a, b in zip(steps[0.0].student.parameters(), steps[10.0].student.parameters()))
+
+
+def test_instance_noise_follows_its_schedule_into_the_critics(teacher: SSDDetector, batch: Batch) -> None:
+    step = make_step(run_config(levels=["level2"], instance_noise=0.4, instance_noise_epochs=2.0), teacher)
+    assert [step.noise_std(p) for p in (0.0, 1.0, 1.5, 2.0, 7.0)] == pytest.approx([0.4, 0.2, 0.1, 0.0, 0.0])
+    seen: list[torch.Tensor] = []
+    step.critics.discriminators["level2"].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    real = step.teacher(batch[0])["level2"]
+    size = real.shape[0]
+    for progress, std in ((1.0, 0.2), (2.5, 0.0)):
+        seen.clear()
+        metrics = step.train_step(*batch, progress)
+        assert metrics["kd/noise_std"] == pytest.approx(std)
+        critic_input = seen[0][:size]  # the critic pass scores teacher and student maps in one call
+        if std:
+            assert (critic_input - real).std().item() == pytest.approx(std, rel=0.1)
+        else:
+            assert torch.equal(critic_input, real)
+    assert "kd/noise_std" not in make_step(run_config(), teacher).train_step(*batch, 0.0)
+
+
+def test_standardized_maps_reach_the_critics(teacher: SSDDetector, batch: Batch) -> None:
+    step = make_step(run_config(levels=["level3"], standardize=True, feat_weight=1.0), teacher)
+    seen: list[torch.Tensor] = []
+    step.critics.discriminators["level3"].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    step.train_step(*batch, 0.0)
+    size = batch[0].shape[0]
+    for side in (seen[0][:size], seen[0][size:]):  # teacher, then student maps
+        per_channel = side.transpose(0, 1).flatten(1)
+        assert per_channel.mean(1).abs().max() < 1e-4
+        variances = per_channel.var(1, unbiased=False)
+        # Unit variance, except channels near-constant next to their level's others (kept below 1 on purpose).
+        assert variances.median() > 0.99 and variances.max() < 1.001
+
+
+def test_imitation_terms_are_averaged_over_levels(teacher: SSDDetector, batch: Batch) -> None:
+    levels = ["level0", "level2", "level4"]
+    metrics = make_step(run_config(levels=levels, feat_weight=2.0, adv_weight=0.0), teacher).train_step(*batch, 0.0)
+    feat = [metrics[f"kd/feat/{level}"] for level in levels]
+    assert metrics["loss/total"] == pytest.approx(detection_loss(metrics) + 2.0 * sum(feat) / len(feat), rel=1e-5)
+    assert all(term > 0 for term in feat), feat
+
+
+def test_alternating_updates_take_turns(teacher: SSDDetector, batch: Batch) -> None:
+    step = make_step(run_config(levels=["level1", "level3"], update="alternating", n_critic=2), teacher)
+    keys = None
+    phases = []
+    for _ in range(6):
+        phase = step.phase()
+        student_before, critics_before = parameters_of(step.student), parameters_of(step.critics)
+        metrics = step.train_step(*batch, 0.0)
+        keys = keys or set(metrics)
+        assert set(metrics) == keys  # every step reports every term, so epoch means stay means
+        student_moved, critics_moved = changed(student_before, step.student), changed(critics_before, step.critics)
+        phases.append(phase)
+        assert (student_moved, critics_moved) == (phase == "student", phase == "critic"), (len(phases), phase)
+        assert (metrics["grad_norm/student"] > 0) == (phase == "student")
+        assert (metrics["grad_norm/disc"] > 0) == (phase == "critic")
+    assert phases == ["critic", "critic", "student"] * 2
+    assert {int(s["step"]) for s in step.disc_optimizer.state.values()} == {4}
+    assert {int(s["step"]) for s in step.student_optimizer.state.values()} == {2}
+    # The turn is part of the checkpoint: a resumed step continues the cycle.
+    step.train_step(*batch, 0.0)
+    resumed = make_step(step.cfg, teacher, seed=1)
+    resumed.load_state_dict(step.state_dict())
+    assert resumed.iteration == 7 and resumed.phase() == step.phase() == "critic"
+    assert make_step(run_config(), teacher).phase() == "both"
+
+
+def test_alternating_step_that_diverges_applies_nothing(teacher: SSDDetector, batch: Batch) -> None:
+    step = make_step(run_config(levels=["level1"], update="alternating", r1_weight=1.0), teacher)
+    poisoned = batch[0].clone()
+    poisoned[0] = float("nan")
+    for phase in ("critic", "student"):
+        assert step.phase() == phase
+        before = snapshot(step)
+        with pytest.raises(Diverged):
+            step.train_step(poisoned, batch[1], 0.0)
+        assert_same_tensors(before, snapshot(step))
+        assert step.phase() == phase  # a failed step is not a turn
+        step.train_step(*batch, 0.0)

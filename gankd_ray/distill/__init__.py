@@ -1,14 +1,15 @@
 """GAN knowledge distillation: adapters, discriminators, adversarial losses and the training step.
 
 Public API (see DESIGN.md, "GAN-KD"): :func:`build_step` -> :class:`TrainStep` (alias ``GanKD``),
-:class:`Diverged`, :func:`build_adapters`, :func:`build_discriminators`, :mod:`adversarial`,
+:class:`Diverged`, :func:`build_adapters`, :func:`tap_activations`, :func:`build_discriminators`,
+:mod:`adversarial`, :mod:`features` (what the distillation terms see),
 :func:`export_student` / :func:`build_student` (a run's trained detector, and its
 architecture from the config alone), the modules DDP wraps
 (:class:`StudentModule`, :class:`DiscriminatorModule`) and :class:`FrozenTeacher`.
 """
 
-from gankd_ray.distill import adversarial
-from gankd_ray.distill.adapters import FeatureAdapter, build_adapters
+from gankd_ray.distill import adversarial, features
+from gankd_ray.distill.adapters import FeatureAdapter, build_adapters, tap_activations
 from gankd_ray.distill.discriminators import LevelDiscriminator, build_discriminators
 from gankd_ray.distill.modules import DiscriminatorModule, FrozenTeacher, StudentModule, frozen_parameters
 from gankd_ray.distill.optim import WarmupCosine
@@ -33,7 +34,9 @@ __all__ = [
     "build_student",
     "distilled_levels",
     "export_student",
+    "features",
     "frozen_parameters",
     "identity",
     "student_with_teacher_head",
+    "tap_activations",
 ]

@@ -26,7 +26,8 @@ real = 1, fake = 0. The paper (Wang et al. 2019) writes the critic with the oppo
 (``L_D = E[D(teacher)] - E[D(student)]``, ``L_G = E[D(student)]``); negating the critic maps one
 convention onto the other, so the game and the Wasserstein estimate are the same. ``wgan`` relies on
 weight clipping (:func:`clip_weights_`, after every discriminator step) to keep the critic
-Lipschitz; ``wgan-gp`` on the penalty of Gulrajani et al. 2017 instead.
+Lipschitz; ``wgan-gp`` on the penalty of Gulrajani et al. 2017 instead. Any kind can add the R1
+penalty on real samples (:func:`r1_penalty`).
 """
 
 from __future__ import annotations
@@ -113,6 +114,25 @@ def gradient_penalty(scores: Tensor, inputs: Tensor) -> Tensor:
     # gradient vanishes, which bf16 activations make likely (seen as a non-finite critic gradient norm).
     squared = grad.float().flatten(1).pow(2).sum(dim=1)
     return (squared.clamp_min(1e-12).sqrt() - 1.0).pow(2).mean()
+
+
+def r1_penalty(scores: Tensor, inputs: Tensor) -> Tensor:
+    """R1 penalty ``0.5 * E_b[||grad_x D(x_b)||_2^2]`` on real samples (Mescheder et al. 2018).
+
+    Multiplied by ``gamma`` (``distill.r1_weight``) it is the paper's ``gamma / 2 * E||grad D||^2``:
+    it pulls the critic's gradient on teacher maps to zero, so a critic that separates the two
+    sides cannot do it with an ever steeper slope. As in :func:`gradient_penalty`, the per-sample
+    value is the mean of its ``P`` scores and the graph is kept.
+
+    Args:
+        scores: critic scores on ``inputs``, ``Tensor[B, P]``.
+        inputs: the teacher maps the critic scored, ``Tensor[B, C, H, W]`` with ``requires_grad``.
+
+    Returns:
+        Scalar tensor (float32).
+    """
+    (grad,) = torch.autograd.grad(scores.mean(dim=1).sum(), inputs, create_graph=True)
+    return 0.5 * grad.float().flatten(1).pow(2).sum(dim=1).mean()
 
 
 def diagnostics(kind: str, real: Tensor, fake: Tensor) -> dict[str, Tensor]:

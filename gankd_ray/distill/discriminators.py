@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gankd_ray.config import DiscriminatorConfig
+from gankd_ray.config import DISC_OUTPUTS, DiscriminatorConfig
 
 _LEAKY_SLOPE = 0.2  # DCGAN's discriminator activation
 
@@ -39,18 +39,34 @@ class LevelDiscriminator(nn.Module):
         width: channels of every block.
         norm: ``none``, ``batch``, ``instance`` (affine, 1x1 maps passed through) or ``spectral``
             (``torch.nn.utils.parametrizations.spectral_norm`` on every conv, no norm layer).
-        output: ``global`` (one score per image: the mean of the score map) or ``patch`` (the map).
+        output: ``global`` (one score per image: the mean of the score map), ``patch`` (the map) or
+            ``strided`` (the paper's: as many strided blocks as take ``input_size`` down to 1x1, at
+            least ``depth``; the 1x1 map's one value is the score).
+        input_size: ``(H, W)`` of the level's maps; required for ``strided``.
 
     Shapes:
-        ``forward(x: Tensor[B, C, H, W]) -> Tensor[B, P]`` with ``P = 1`` (global) or
+        ``forward(x: Tensor[B, C, H, W]) -> Tensor[B, P]`` with ``P = 1`` (global, strided) or
         ``P = h * w`` (patch, ``h = ceil(H / 2**depth)``).
     """
 
-    def __init__(self, in_channels: int, depth: int, width: int, norm: str, output: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        depth: int,
+        width: int,
+        norm: str,
+        output: str,
+        input_size: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
-        if output not in ("global", "patch"):
+        if output not in DISC_OUTPUTS:
             raise ValueError(f"unknown discriminator output {output!r}")
+        if output == "strided":
+            if input_size is None:
+                raise ValueError("a strided discriminator needs the level's input_size")
+            depth = max(depth, halvings_to_one(max(input_size)))
         self.output = output
+        self.depth = depth
         blocks: list[nn.Module] = []
         channels = in_channels
         for _ in range(depth):
@@ -66,11 +82,28 @@ class LevelDiscriminator(nn.Module):
         scores = self.score(self.blocks(x))  # [B, 1, h, w]
         if self.output == "global":
             return scores.mean(dim=(2, 3))  # [B, 1]
+        if self.output == "strided" and scores.shape[-1] * scores.shape[-2] != 1:
+            raise ValueError(
+                f"strided discriminator of depth {self.depth} left a {tuple(scores.shape[-2:])} score map: "
+                "its input is larger than the level size it was built for"
+            )
         return scores.flatten(1)  # [B, h * w]
 
 
+def halvings_to_one(size: int) -> int:
+    """How many stride-2 steps (``n -> ceil(n / 2)``) take ``size`` pixels down to 1."""
+    steps = 0
+    while size > 1:
+        size = -(-size // 2)
+        steps += 1
+    return steps
+
+
 def build_discriminators(
-    levels: Sequence[str], channels: Mapping[str, int], cfg: DiscriminatorConfig
+    levels: Sequence[str],
+    channels: Mapping[str, int],
+    cfg: DiscriminatorConfig,
+    sizes: Mapping[str, Sequence[int]] | None = None,
 ) -> nn.ModuleDict:
     """One :class:`LevelDiscriminator` per level, keyed by level name.
 
@@ -78,10 +111,12 @@ def build_discriminators(
         levels: distilled level names, e.g. ``["level0", "level3"]``.
         channels: input channels per level (the teacher's ``level_channels``).
         cfg: depth, width, norm and output shared by all levels.
+        sizes: ``(h, w)`` of each level's maps (the teacher's ``feature_shapes``); ``strided`` needs them.
     """
+    sizes = sizes or {}
     return nn.ModuleDict(
         {
-            level: LevelDiscriminator(channels[level], cfg.depth, cfg.width, cfg.norm, cfg.output)
+            level: LevelDiscriminator(channels[level], cfg.depth, cfg.width, cfg.norm, cfg.output, sizes.get(level))
             for level in levels
         }
     )

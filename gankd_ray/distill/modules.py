@@ -102,18 +102,24 @@ class DiscriminatorModule(nn.Module):
         discriminators: ``nn.ModuleDict`` level -> :class:`LevelDiscriminator`.
         kind: adversarial loss, see :mod:`gankd_ray.distill.adversarial`.
         gp_weight: gradient-penalty weight (``wgan-gp`` only).
+        r1_weight: gamma of the R1 penalty on teacher maps (any kind; 0 = off).
 
     ``forward(real, fake)`` takes ``{level: Tensor[B, C, H, W]}`` teacher maps (real) and detached
-    student maps (fake) and returns ``(loss, terms)``: ``loss = sum_l d_loss_l (+ gp_weight * gp_l)``
-    and detached scalar ``terms`` named ``disc/loss/<l>``, ``disc/real/<l>``, ``disc/fake/<l>``,
-    ``disc/acc/<l>`` or ``disc/wdist/<l>``, and ``disc/gp/<l>`` for ``wgan-gp``.
+    student maps (fake) and returns ``(loss, terms)``:
+    ``loss = sum_l d_loss_l (+ gp_weight * gp_l) (+ r1_weight * r1_l)`` and detached scalar ``terms``
+    named ``disc/loss/<l>`` (all of the level's loss), ``disc/real/<l>``, ``disc/fake/<l>``,
+    ``disc/acc/<l>`` or ``disc/wdist/<l>``, ``disc/gp/<l>`` for ``wgan-gp`` and ``disc/r1/<l>`` when
+    ``r1_weight > 0``.
     """
 
-    def __init__(self, discriminators: nn.ModuleDict, kind: str, gp_weight: float = 10.0) -> None:
+    def __init__(
+        self, discriminators: nn.ModuleDict, kind: str, gp_weight: float = 10.0, r1_weight: float = 0.0
+    ) -> None:
         super().__init__()
         self.discriminators = discriminators
         self.kind = kind
         self.gp_weight = gp_weight
+        self.r1_weight = r1_weight
 
     def forward(self, real: Features, fake: Features) -> tuple[Tensor, dict[str, Tensor]]:
         total = real[next(iter(real))].new_zeros((), dtype=torch.float32)
@@ -139,7 +145,10 @@ class DiscriminatorModule(nn.Module):
 
     def _level_loss(self, disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with_penalty = self.kind == "wgan-gp"
-        groups = [real, fake, adversarial.interpolate(real, fake)] if with_penalty else [real, fake]
+        with_r1 = self.r1_weight > 0
+        if with_r1:
+            real = real.detach().requires_grad_(True)  # the R1 gradient is taken w.r.t. the critic's input
+        groups = [real, fake, adversarial.interpolate(real.detach(), fake)] if with_penalty else [real, fake]
         scores = [s.float() for s in _score_groups(disc, groups)]
         loss = adversarial.d_loss(self.kind, scores[0], scores[1])
         terms = adversarial.diagnostics(self.kind, scores[0], scores[1])
@@ -147,6 +156,10 @@ class DiscriminatorModule(nn.Module):
             penalty = adversarial.gradient_penalty(scores[2], groups[2])
             loss = loss + self.gp_weight * penalty
             terms["gp"] = penalty.detach()
+        if with_r1:
+            r1 = adversarial.r1_penalty(scores[0], real)
+            loss = loss + self.r1_weight * r1
+            terms["r1"] = r1.detach()
         return loss, terms
 
 

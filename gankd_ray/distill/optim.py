@@ -41,7 +41,7 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
 
 
 def build_student_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` (sgd / adam / adamw) over the trainable parameters of ``module``.
+    """``cfg.optimizer`` (sgd; adam / adamw with ``cfg.betas``) over the trainable parameters of ``module``.
 
     Weight decay applies to weights only: decaying norm scales and biases just fights the norm.
     """
@@ -49,9 +49,9 @@ def build_student_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     elif cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     elif cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
     return _with_initial_lr(optimizer)

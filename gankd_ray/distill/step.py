@@ -4,19 +4,29 @@ One call of :meth:`TrainStep.train_step` on a batch, with ``G`` the student side
 
 1. teacher forward once, under ``no_grad`` (GAN-KD only);
 2. student forward once: detection losses and the adapted maps of the distilled levels;
-3. critic forward/backward on the *detached* student maps (``D`` gradients at ``D_t``);
-4. student adversarial term through the unwrapped, frozen critics (also ``D_t``), plus detection
+3. the distillation inputs: both sides standardised per channel (``distill.standardize``), and
+   the critics' inputs with instance noise (``distill.instance_noise``, annealed to 0);
+4. critic forward/backward on the *detached* student maps (``D`` gradients at ``D_t``; R1 and
+   gradient penalties included);
+5. student adversarial term through the unwrapped, frozen critics (also ``D_t``), plus detection
    and optional feature-imitation terms; one backward (``G`` gradients);
-5. ONE device->host transfer of every scalar; if any is non-finite the gradients are dropped,
+6. ONE device->host transfer of every scalar; if any is non-finite the gradients are dropped,
    buffers restored, nothing is stepped and :class:`Diverged` is raised;
-6. both learning rates are set from the epoch progress (warm-up + cosine, a pure function of it)
+7. both learning rates are set from the epoch progress (warm-up + cosine, a pure function of it)
    and both optimisers step (weights clipped after the critic step for ``wgan``), then
    ``n_critic - 1`` further critic updates reuse the same detached maps.
 
-So the first critic update and the student update are simultaneous (both gradients at
-``(G_t, D_t)``), which is what lets a single synchronisation guard every update of the step. The
-extra critic updates run after the check (their inputs were checked; a critic that blows up in
-them is caught by the next step's check).
+So, with ``distill.update = simultaneous``, the first critic update and the student update are
+simultaneous (both gradients at ``(G_t, D_t)``), which is what lets a single synchronisation guard
+every update of the step. The extra critic updates run after the check (their inputs were checked;
+a critic that blows up in them is caught by the next step's check).
+
+With ``distill.update = alternating`` the steps take turns, each on its own batch: ``n_critic``
+critic steps (the student forward runs without a graph, step 5 without its backward), then one
+student step (step 4 without its backward, through the unwrapped critics). Every step still
+reports every term, computes them all before its one synchronisation and updates one player
+after it; the idle player's ``grad_norm`` is reported as 0. The student's BatchNorm statistics see
+every batch, as in any training-mode forward.
 """
 
 from __future__ import annotations
@@ -25,15 +35,16 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gankd_ray.config import ConfigError, RunConfig
 from gankd_ray.distill import adversarial
-from gankd_ray.distill.adapters import build_adapters
+from gankd_ray.distill import features as kd_maps
+from gankd_ray.distill.adapters import build_adapters, tap_activations
 from gankd_ray.distill.discriminators import build_discriminators
 from gankd_ray.distill.modules import DiscriminatorModule, Features, FrozenTeacher, StudentModule, Targets
 from gankd_ray.distill.optim import WarmupCosine, build_disc_optimizer, build_student_optimizer, set_lr
@@ -43,6 +54,27 @@ if TYPE_CHECKING:
     from gankd_ray.models import SSDDetector
 
 Wrap = Callable[[nn.Module], nn.Module]
+
+# Which players a step updates (see the module docstring).
+BOTH, CRITIC, STUDENT = "both", "critic", "student"
+
+
+@dataclass
+class DistillInputs:
+    """The maps the distillation terms of one step see.
+
+    ``real``/``fake``: teacher and (graph-carrying) student maps, standardised when configured; the
+    imitation term compares these. ``critic_real``/``critic_fake``: the critics' inputs (the student
+    side detached), with instance noise; ``adv_fake``: the student's maps with the same noise as
+    ``critic_fake``, for its adversarial term. ``noise_std``: this step's noise std.
+    """
+
+    real: Features
+    fake: Features
+    critic_real: Features
+    critic_fake: Features
+    adv_fake: Features
+    noise_std: float
 
 
 class Diverged(RuntimeError):
@@ -82,6 +114,9 @@ class TrainStep:
     and both players' gradients are clipped to ``optim.grad_clip``
     (0 = no clipping). ``wgan`` critics are clipped into ``[-clip, clip]`` at construction and after
     every critic update.
+
+    ``iteration`` counts successful steps (checkpointed); ``distill.update = alternating`` reads its
+    turn from it (:meth:`phase`).
     """
 
     def __init__(
@@ -109,6 +144,7 @@ class TrainStep:
                 adversarial.clip_weights_(critics, cfg.distill.clip)
         self.device = next(student.parameters()).device
         self.last_metrics: dict[str, float] = {}
+        self.iteration = 0
         self._buffers = _BufferBackup([m for m in (student, critics) if m is not None])
 
     # ------------------------------------------------------------------ public API
@@ -125,33 +161,54 @@ class TrainStep:
         Returns:
             Flat ``{name: float}``: ``det/classification``, ``det/bbox_regression``, ``loss/total``,
             ``grad_norm/student``, ``lr`` and, in GAN-KD, ``kd/adv/<l>``, ``kd/feat/<l>`` (when
-            ``feat_weight > 0``), ``kd/adv_weight``, ``disc/loss|real|fake/<l>``,
-            ``disc/acc/<l>`` or ``disc/wdist/<l>``, ``disc/gp/<l>`` (wgan-gp), ``grad_norm/disc``.
+            ``feat_weight > 0``), ``kd/adv_weight``, ``kd/noise_std`` (when ``instance_noise > 0``),
+            ``disc/loss|real|fake/<l>``, ``disc/acc/<l>`` or ``disc/wdist/<l>``, ``disc/gp/<l>``
+            (wgan-gp), ``disc/r1/<l>`` (``r1_weight > 0``), ``grad_norm/disc``.
 
         Raises:
             Diverged: a term was non-finite; no parameter, buffer or optimiser state changed.
         """
         images, targets = self._to_device(images, targets)
         adv_weight = self.adv_weight(progress)
+        phase = self.phase()
         self._buffers.save()
         self.student_optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
+        with self.autocast(), torch.set_grad_enabled(phase != CRITIC):
             real = self.teacher(images) if self.teacher is not None else {}
             det_losses, fake = self.student_train(images, targets)
-        detached = _detached(fake)
-        terms = self._critic_backward(real, detached) if self.critics is not None else {}
-        terms.update(self._student_backward(det_losses, real, fake, adv_weight))
+        inputs = self._distill_inputs(real, fake, progress) if self.critics is not None else None
+        terms = self._critic_terms(inputs, update=phase != STUDENT) if inputs is not None else {}
+        terms.update(self._student_terms(det_losses, inputs, adv_weight, update=phase != CRITIC))
         metrics = _to_floats(terms)  # the step's only synchronisation
-        if self.critics is not None:
+        if inputs is not None:
             metrics["kd/adv_weight"] = adv_weight
+            if self.cfg.distill.instance_noise > 0:
+                metrics["kd/noise_std"] = inputs.noise_std
         nonfinite = {name: value for name, value in metrics.items() if not math.isfinite(value)}
         if nonfinite:
             self._discard_update()
             raise Diverged(self.last_metrics, nonfinite)
         metrics["lr"] = self._set_learning_rates(progress)
-        self._apply_update(real, detached)
+        self._apply_update(inputs, phase)
+        self.iteration += 1
         self.last_metrics = metrics
         return metrics
+
+    def phase(self) -> str:
+        """The players this step updates: ``both`` (simultaneous), or, alternating, ``critic`` for
+        ``n_critic`` steps then ``student`` for one (by :attr:`iteration`). Plain roles: ``student``."""
+        if self.critics is None:
+            return STUDENT
+        distill = self.cfg.distill
+        if distill.update != "alternating":
+            return BOTH
+        return CRITIC if self.iteration % (distill.n_critic + 1) < distill.n_critic else STUDENT
+
+    def noise_std(self, progress: float) -> float:
+        """The instance-noise std at ``progress``: ``distill.instance_noise``, linearly to 0 over
+        ``distill.instance_noise_epochs``, then 0."""
+        distill = self.cfg.distill
+        return kd_maps.instance_noise_std(distill.instance_noise, distill.instance_noise_epochs, progress)
 
     def adv_weight(self, progress: float) -> float:
         """``distill.adv_weight``, ramped linearly from 0 over ``distill.adv_warmup_epochs``."""
@@ -213,6 +270,7 @@ class TrainStep:
             "student": self.student.state_dict(),
             "student_optimizer": self.student_optimizer.state_dict(),
             "last_metrics": dict(self.last_metrics),
+            "iteration": self.iteration,
         }
         if self.critics is not None:
             state["critics"] = self.critics.state_dict()
@@ -229,6 +287,7 @@ class TrainStep:
         self.student.load_state_dict(state["student"])
         self.student_optimizer.load_state_dict(copy.deepcopy(state["student_optimizer"]))
         self.last_metrics = dict(state.get("last_metrics", {}))
+        self.iteration = int(state.get("iteration", 0))  # states written before the counter existed: 0
         if self.critics is not None:
             self.critics.load_state_dict(state["critics"])
             self.disc_optimizer.load_state_dict(copy.deepcopy(state["disc_optimizer"]))
@@ -242,42 +301,81 @@ class TrainStep:
             set_lr(self.disc_optimizer, multiplier)
         return set_lr(self.student_optimizer, multiplier)
 
-    def _critic_backward(self, real: Features, fake: Features) -> dict[str, Tensor]:
-        """Critic loss and (clipped) gradients on detached student maps ``fake``; returns its terms."""
+    def _distill_inputs(self, real: Features, fake: Features, progress: float) -> DistillInputs:
+        """Standardise both sides (if configured), then add this step's instance noise to the critics' inputs."""
+        if self.cfg.distill.standardize:
+            real, fake = kd_maps.standardize(real), kd_maps.standardize(fake)
+        std = self.noise_std(progress)
+        real_noise = kd_maps.noise_like(real, std) if std > 0 else None
+        fake_noise = kd_maps.noise_like(fake, std) if std > 0 else None
+        return DistillInputs(
+            real=real,
+            fake=fake,
+            critic_real=kd_maps.add(real, real_noise),
+            critic_fake=kd_maps.add(_detached(fake), fake_noise),
+            adv_fake=kd_maps.add(fake, fake_noise),
+            noise_std=std,
+        )
+
+    def _critic_terms(self, inputs: DistillInputs, update: bool) -> dict[str, Tensor]:
+        """Critic loss and its terms; with ``update``, also its (clipped) gradients.
+
+        Without ``update`` (an alternating student step) the unwrapped critics compute the terms for
+        the log only: no backward, ``grad_norm/disc`` 0.
+        """
+        if not update:
+            with self.autocast():
+                _, terms = self.critics(inputs.critic_real, inputs.critic_fake)
+            terms["grad_norm/disc"] = torch.zeros((), device=self.device)
+            return terms
         self.disc_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss, terms = self.critics_train(real, fake)
+            loss, terms = self.critics_train(inputs.critic_real, inputs.critic_fake)
         loss.backward()
         terms["grad_norm/disc"] = _clip_grad_norm(self.disc_optimizer, self.cfg.optim.grad_clip)
         return terms
 
-    def _student_backward(
-        self, det_losses: dict[str, Tensor], real: Features, fake: Features, adv_weight: float
+    def _student_terms(
+        self, det_losses: dict[str, Tensor], inputs: DistillInputs | None, adv_weight: float, update: bool
     ) -> dict[str, Tensor]:
-        """``L = L_cls + L_box + adv_weight * sum_l L_adv,l + feat_weight * sum_l MSE_l``; backward."""
+        """``L = L_cls + L_box + adv_weight * sum_l L_adv,l + feat_weight * mean_l L_feat,l``; backward if ``update``.
+
+        ``L_feat,l`` is the relative squared error of :func:`~gankd_ray.distill.features.imitation_losses`,
+        averaged over levels so ``feat_weight`` means the same whatever the levels. Without ``update``
+        (an alternating critic step) nothing has a graph and ``grad_norm/student`` is 0.
+        """
         feat_weight = self.cfg.distill.feat_weight
-        with self.autocast():
-            adv = self.critics.student_losses(fake) if self.critics is not None else {}
-        # The imitation target is the teacher map; MSE in float32 (maps may be bf16).
-        feat = {level: F.mse_loss(fake[level].float(), real[level].float()) for level in fake} if feat_weight > 0 else {}
-        total = sum(det_losses.values()) + adv_weight * _sum(adv.values()) + feat_weight * _sum(feat.values())
-        total.backward()
+        adv: dict[str, Tensor] = {}
+        feat: dict[str, Tensor] = {}
+        with torch.set_grad_enabled(update):
+            if inputs is not None:
+                with self.autocast():
+                    adv = self.critics.student_losses(inputs.adv_fake)
+                if feat_weight > 0:
+                    feat = kd_maps.imitation_losses(inputs.fake, inputs.real)
+            total = sum(det_losses.values()) + adv_weight * _sum(adv.values()) + feat_weight * _mean(feat.values())
         terms = {name: loss.detach() for name, loss in det_losses.items()}
         terms.update({f"kd/adv/{level}": loss.detach() for level, loss in adv.items()})
         terms.update({f"kd/feat/{level}": loss.detach() for level, loss in feat.items()})
         terms["loss/total"] = total.detach()
-        terms["grad_norm/student"] = _clip_grad_norm(self.student_optimizer, self.cfg.optim.grad_clip)
+        if update:
+            total.backward()
+            terms["grad_norm/student"] = _clip_grad_norm(self.student_optimizer, self.cfg.optim.grad_clip)
+        else:
+            terms["grad_norm/student"] = torch.zeros((), device=self.device)
         return terms
 
-    def _apply_update(self, real: Features, detached_fake: Features) -> None:
-        """Step both players, then the extra critic updates on the same detached maps."""
-        self.student_optimizer.step()
-        if self.critics is None:
+    def _apply_update(self, inputs: DistillInputs | None, phase: str) -> None:
+        """Step the players of ``phase``; simultaneous: then the extra critic updates on the same maps."""
+        if phase != CRITIC:
+            self.student_optimizer.step()
+        if inputs is None or phase == STUDENT:
             return
         self._critic_optimizer_step()
-        for _ in range(self.cfg.distill.n_critic - 1):
-            self._critic_backward(real, detached_fake)
-            self._critic_optimizer_step()
+        if phase == BOTH:
+            for _ in range(self.cfg.distill.n_critic - 1):
+                self._critic_terms(inputs, update=True)
+                self._critic_optimizer_step()
 
     def _critic_optimizer_step(self) -> None:
         self.disc_optimizer.step()
@@ -339,9 +437,10 @@ def build_step(
     teacher_size = cfg.teacher.image_size if cfg.teacher is not None else teacher.image_size
     module = _student_module(cfg, student, teacher, levels, teacher_size).to(device)
     critics = DiscriminatorModule(
-        build_discriminators(levels, teacher.level_channels, cfg.discriminator),
+        build_discriminators(levels, teacher.level_channels, cfg.discriminator, teacher.feature_shapes(teacher_size)),
         cfg.distill.adv_loss,
         cfg.distill.gp_weight,
+        cfg.distill.r1_weight,
     ).to(device)
     frozen = FrozenTeacher(teacher, levels, input_size=teacher_size)
     return TrainStep(cfg, module, frozen, critics, wrap=wrap)
@@ -372,11 +471,15 @@ def distilled_levels(cfg: RunConfig, student: SSDDetector, teacher: SSDDetector)
 def _student_module(
     cfg: RunConfig, student: SSDDetector, teacher: SSDDetector, levels: list[str], teacher_size: int
 ) -> StudentModule:
+    match_activation = cfg.distill.match_activation
     if cfg.distill.head_mode == "teacher":
-        detector = student_with_teacher_head(student, teacher, cfg.distill.finetune_teacher_head, teacher_size)
+        detector = student_with_teacher_head(
+            student, teacher, cfg.distill.finetune_teacher_head, teacher_size, match_activation
+        )
         return StudentModule(detector, nn.ModuleDict(), levels)
     sizes = teacher.feature_shapes(teacher_size)
-    adapters = build_adapters(levels, student.level_channels, teacher.level_channels, sizes)
+    activations = tap_activations(teacher.backbone) if match_activation else None
+    adapters = build_adapters(levels, student.level_channels, teacher.level_channels, sizes, activations)
     return StudentModule(student, adapters, levels)
 
 
@@ -427,3 +530,8 @@ def _detached(features: Features) -> Features:
 
 def _sum(values: Iterable[Tensor]) -> Tensor | float:
     return sum(values, 0.0)
+
+
+def _mean(values: Iterable[Tensor]) -> Tensor | float:
+    values = list(values)
+    return sum(values, 0.0) / len(values) if values else 0.0

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from gankd_ray.config import ConfigError, RunConfig
-from gankd_ray.distill.adapters import build_adapters
+from gankd_ray.distill.adapters import build_adapters, tap_activations
 
 if TYPE_CHECKING:
     from gankd_ray.models import SSDDetector
@@ -46,7 +46,11 @@ class AdaptedBackbone(nn.Module):
 
 
 def student_with_teacher_head(
-    student: SSDDetector, teacher: SSDDetector, finetune_head: bool, teacher_image_size: int | None = None
+    student: SSDDetector,
+    teacher: SSDDetector,
+    finetune_head: bool,
+    teacher_image_size: int | None = None,
+    match_activation: bool = True,
 ) -> SSDDetector:
     """``student backbone -> adapters (every level) -> copy of teacher head``, as one detector.
 
@@ -56,6 +60,8 @@ def student_with_teacher_head(
         finetune_head: train the copied head; otherwise its parameters are frozen.
         teacher_image_size: the teacher's input side ``S_t``; adapters resize each level to the
             teacher's map size at ``S_t`` (default: the student's ``S``, i.e. no resize).
+        match_activation: adapters end in the teacher taps' activations (``distill.match_activation``),
+            so the head gets inputs of the kind it was trained on.
 
     Returns:
         An ``SSDDetector`` with the student's config (input size, post-processing) and the
@@ -68,7 +74,8 @@ def student_with_teacher_head(
     teacher_sizes = teacher.feature_shapes(teacher_image_size or student.image_size)
     head = copy.deepcopy(teacher.head).requires_grad_(finetune_head)
     anchors = copy.deepcopy(teacher.anchor_generator)
-    return _adapted_detector(student, teacher.level_channels, teacher_sizes, head, anchors)
+    activations = tap_activations(teacher.backbone) if match_activation else None
+    return _adapted_detector(student, teacher.level_channels, teacher_sizes, head, anchors, activations)
 
 
 def build_student(cfg: RunConfig) -> SSDDetector:
@@ -87,13 +94,14 @@ def build_student(cfg: RunConfig) -> SSDDetector:
         return student
     if cfg.teacher is None:
         raise ConfigError("distill.head_mode=teacher needs cfg.teacher to rebuild the student")
-    _, teacher_channels, teacher_strides = build_feature_extractor(cfg.teacher.backbone)
+    teacher_extractor, teacher_channels, teacher_strides = build_feature_extractor(cfg.teacher.backbone)
     if list(teacher_channels) != list(student.level_names):
         raise ConfigError(f"distill.head_mode=teacher: teacher levels {list(teacher_channels)} differ from the student's")
     teacher_sizes = feature_shapes(cfg.teacher.image_size, teacher_strides)
     # head=None: SSDDetector builds a fresh SSDHead for the teacher's channels; the anchors are the
     # shared default layout, as on the teacher.
-    return _adapted_detector(student, teacher_channels, teacher_sizes, None, None)
+    activations = tap_activations(teacher_extractor) if cfg.distill.match_activation else None
+    return _adapted_detector(student, teacher_channels, teacher_sizes, None, None, activations)
 
 
 def _adapted_detector(
@@ -102,10 +110,13 @@ def _adapted_detector(
     teacher_sizes: Mapping[str, Sequence[int]],
     head: nn.Module | None,
     anchor_generator: nn.Module | None,
+    activations: Mapping[str, nn.Module] | None,
 ) -> SSDDetector:
     from gankd_ray.models import SSDDetector  # late: models is a sibling package
 
-    adapters = build_adapters(student.level_names, student.level_channels, teacher_channels, teacher_sizes)
+    adapters = build_adapters(
+        student.level_names, student.level_channels, teacher_channels, teacher_sizes, activations
+    )
     backbone = AdaptedBackbone(student.backbone, adapters)
     return SSDDetector(backbone, teacher_channels, student.level_strides, head, student.config, anchor_generator)
 
