@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ray.train.v2.api.callback import UserCallback
+from ray.train import UserCallback
 
-from gankd_ray import storage
+from gankd_ray import ray_compat, storage
 from gankd_ray.config import ConfigError, RunConfig
 from gankd_ray.train.checkpoint import CheckpointError, load_detector
 
@@ -155,13 +155,12 @@ def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
     from ray.train.torch import TorchConfig
 
     from gankd_ray.train.loop import train_loop_per_worker
-    from gankd_ray.train.trainer import GankdTorchTrainer
 
     use_gpu = job.gpus_per_worker > 0
     resources = {"CPU": job.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = job.gpus_per_worker
-    return GankdTorchTrainer(
+    return ray_compat.torch_trainer_class()(
         train_loop_per_worker,
         train_loop_config=job.loop_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -282,8 +281,7 @@ def _causes(err: BaseException) -> list[BaseException]:
     """``err`` and everything it wraps: chained exceptions and Ray Train's controller and worker failures."""
     seen: list[BaseException] = [err]
     for cause in seen:
-        nested = [cause.__cause__, cause.__context__, getattr(cause, "controller_failure", None),
-                  *getattr(cause, "worker_failures", {}).values()]
+        nested = [cause.__cause__, cause.__context__, *ray_compat.train_failure_causes(cause)]
         seen.extend(e for e in nested if isinstance(e, BaseException) and e not in seen)
     return seen
 
