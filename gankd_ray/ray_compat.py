@@ -165,6 +165,7 @@ REAPER_REGISTER_TIMEOUT_S = 60.0
 
 
 def __getattr__(name: str):
+    # PEP 562: ``ray_compat.GankdTorchTrainer`` and unpickling by name define the classes when first asked for.
     if name in _HOOK_CLASS_DEFINERS:
         return _hook_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
