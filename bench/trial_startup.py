@@ -6,7 +6,7 @@ time from the driver starting to that function starting (Train controller, place
 process group). Variants, alternating so both see the same machine:
 
 - ``stock``: ``ray.train.torch.TorchTrainer`` with Ray Train's metrics callbacks on;
-- ``gankd``: ``GankdTorchTrainer`` (no DatasetManager actor), metrics callbacks off (gankd_ray.cluster).
+- ``gankd``: ``GankdTorchTrainer`` (no DatasetManager actor), metrics callbacks off (gankd_ray.ray_compat).
 Both share gankd-ray's other Train environment defaults (faster health checks, no preemption watcher).
 
 By default a busy loop holds one core, as the other trial's training does in a 2-trial search on 2 cores
@@ -49,11 +49,11 @@ def trial(params: dict) -> None:
     from ray.train.torch import TorchTrainer
 
     from gankd_ray.cluster import apply_train_env_defaults
-    from gankd_ray.train.trainer import GankdTorchTrainer
+    from gankd_ray.ray_compat import TRAIN_METRICS_ENV, GankdTorchTrainer
 
     started = time.time()
     if params["variant"] == "stock":
-        os.environ["RAY_TRAIN_METRICS_ENABLED"] = "1"
+        os.environ[TRAIN_METRICS_ENV] = "1"
         trainer_class = TorchTrainer
     else:
         apply_train_env_defaults()

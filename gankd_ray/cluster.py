@@ -17,35 +17,16 @@ import os
 import sys
 from typing import Any
 
+from gankd_ray import ray_compat
+
 LOCAL_HOST = "127.0.0.1"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch: unset or "token" = token authentication on a local cluster
-
-# A resource only the head node has: actors that must outlive the loss of a worker node (trial drivers, the
-# Train controllers Ray attaches to their node, the controllers' placement-group reapers) ask a sliver of it.
-HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 # How often a placement-group reaper asks whether its controller is alive: the delay before a stopped trial's
 # CPUs return.
 CONTROLLER_POLL_S = 1.0
 # A controller busy in a blocking call answers late; only an actor error means it is gone.
 CONTROLLER_ANSWER_TIMEOUT_S = 10.0
-
-# Ray Train polls its workers every 2 s and watches for preemption every 5 s; both delays land on every
-# run's start and end. Short searches pay them per trial, so poll faster and skip the preemption
-# watcher (spot preemption is handled by FailureConfig restarts anyway). Users may override them all.
-TRAIN_ENV_DEFAULTS = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    # Worker start-up (a fresh process importing torch) can exceed the 60 s default on a loaded 2-core box.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
-    # Ray Train routes worker print() through its logger, which defeats redirect_stdout around
-    # pycocotools chatter; plain prints still reach the driver.
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # Ray Train's Prometheus metrics callbacks (controller state, report timings: Grafana only; the dashboard's
-    # job and actor views and our metrics.jsonl do not use them) cost ~1.4 s of each trial's start-up on 2
-    # cores with one busy (bench/trial_startup.py). Set it to 1 to get them back.
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-}
 
 
 def init_ray(
@@ -119,10 +100,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def apply_train_env_defaults() -> None:
-    """Set TRAIN_ENV_DEFAULTS where the user has not. Call it in every process that builds a trainer:
-    Ray Train propagates these variables from that process to its controller and workers, which on an
+    """Set ``ray_compat.TRAIN_ENV_DEFAULTS`` where the user has not. Call it in every process that builds a
+    trainer: Ray Train propagates these variables from that process to its controller and workers, which on an
     existing cluster do not inherit the launching shell's environment."""
-    for key, value in TRAIN_ENV_DEFAULTS.items():
+    for key, value in ray_compat.TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
 
@@ -141,9 +122,9 @@ def _quiet_default_auth_notice() -> None:
     It goes to stderr at every start and would bury a one-line error such as a trial that can never fit
     the cluster. Only that notice: the warning that authentication is disabled still shows.
     """
-    auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_logger = logging.getLogger(ray_compat.AUTH_NOTICE_LOGGER)
     if not any(isinstance(f, _DropNotice) for f in auth_logger.filters):
-        auth_logger.addFilter(_DropNotice("Token authentication is enabled for this Ray cluster"))
+        auth_logger.addFilter(_DropNotice(ray_compat.AUTH_NOTICE_PREFIX))
 
 
 def _dashboard_url(context: Any) -> str | None:
@@ -165,8 +146,9 @@ class PlacementGroupReaper:
     Ray frees a placement group that an actor created only when that actor and its whole job are gone, so the
     group of a Train controller killed mid-run (every trial ASHA stops) stays reserved while the search lives.
     Ray Train's own cleaner learns of the death from the State API, which needs the dashboard; this one asks
-    the controller itself, through its actor handle. Public Ray API only, and no torch import: it is a small
-    process. Started per run by gankd_ray.train.trainer.PlacementGroupReaperCallback, in the controller.
+    the controller itself, through its actor handle. Ray core's API (plus the built-in actor ping,
+    ``ray_compat.actor_ready``), and no torch import: it is a small process. Started per run by
+    gankd_ray.ray_compat.PlacementGroupReaperCallback, in the controller.
 
     It holds the controller's handle, which keeps the controller alive: on a normal end the controller,
     having removed its placement group, kills its reaper.
@@ -191,7 +173,7 @@ class PlacementGroupReaper:
         import ray
 
         try:
-            await asyncio.wait_for(self._controller.__ray_ready__.remote(), CONTROLLER_ANSWER_TIMEOUT_S)
+            await asyncio.wait_for(ray_compat.actor_ready(self._controller), CONTROLLER_ANSWER_TIMEOUT_S)
         except (asyncio.TimeoutError, ray.exceptions.ActorUnavailableError):  # busy or briefly unreachable
             return True
         except ray.exceptions.RayActorError:

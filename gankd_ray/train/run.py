@@ -9,9 +9,9 @@ import errno
 import os
 from typing import Any, Sequence
 
-from ray.train.v2.api.callback import UserCallback
+from ray.train import UserCallback
 
-from gankd_ray import storage
+from gankd_ray import ray_compat, storage
 from gankd_ray.errors import InputError, StorageFailure
 from gankd_ray.records import EpochRecord, RecordLog, RunSummary, summarize
 from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, Resources, TrainJob, resolve_job
@@ -37,10 +37,9 @@ def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
     from ray.train.torch import TorchConfig
 
     from gankd_ray.train.loop import JOB_KEY, train_loop_per_worker
-    from gankd_ray.train.trainer import GankdTorchTrainer
 
     resources = job.resources
-    return GankdTorchTrainer(
+    return ray_compat.torch_trainer_class()(
         train_loop_per_worker,
         train_loop_config={JOB_KEY: job},
         torch_config=TorchConfig(backend=resources.backend),
@@ -139,7 +138,6 @@ def _causes(err: BaseException) -> list[BaseException]:
     """``err`` and everything it wraps: chained exceptions and Ray Train's controller and worker failures."""
     seen: list[BaseException] = [err]
     for cause in seen:
-        nested = [cause.__cause__, cause.__context__, getattr(cause, "controller_failure", None),
-                  *getattr(cause, "worker_failures", {}).values()]
+        nested = [cause.__cause__, cause.__context__, *ray_compat.train_failure_causes(cause)]
         seen.extend(e for e in nested if isinstance(e, BaseException) and e not in seen)
     return seen

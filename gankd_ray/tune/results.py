@@ -8,12 +8,11 @@ tables are complete after a resumed search too.
 from __future__ import annotations
 
 import io
-import re
 from typing import Any
 
 import pandas as pd
 
-from gankd_ray import storage
+from gankd_ray import ray_compat, storage
 from gankd_ray.distill.health import gan_verdict
 from gankd_ray.records import EpochRecord, Status, best_record, read_records
 
@@ -100,11 +99,12 @@ def collect(result_grid, trials_dir: str, max_epochs: int, keys: list[str],
 
 
 def _trial_id(result) -> str:
+    """Tune's id of a trial (also its Train run's folder name under trials/): from the metrics Tune fills in,
+    else from the name of Tune's trial directory (a Ray hook), else that directory itself."""
     metrics = result.metrics or {}
     if metrics.get("trial_id"):
         return metrics["trial_id"]
-    match = re.search(r"_([0-9a-f]{5}_\d{5})_", result.path or "")
-    return match.group(1) if match else str(result.path)
+    return ray_compat.trial_id_from_dir(result.path) or str(result.path)
 
 
 def _one_line(error: BaseException) -> str:

@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gankd_ray import storage
-from gankd_ray.cluster import HEAD_NODE_RESOURCE
+from gankd_ray import ray_compat, storage
 from gankd_ray.config import RunConfig
 from gankd_ray.distill.health import DEFAULT_PATIENCE, gan_verdict
 from gankd_ray.records import EpochRecord, RunContext, read_records
@@ -36,7 +35,7 @@ TRIALS_DIR = "trials"
 # Tune refuses an empty request, hence a token amount of memory. Drivers (and the Train controllers Ray
 # attaches to their node) live on the head node, so losing a worker node costs its trials a worker
 # restart from their last checkpoint (Train's FailureConfig), not the trial.
-DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20, HEAD_NODE_RESOURCE: 0.001}
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20, **ray_compat.head_node_share()}
 
 
 @dataclass
