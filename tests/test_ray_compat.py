@@ -13,7 +13,8 @@ import pytest
 
 from gankd_ray import ray_compat
 from gankd_ray.config import RunConfig
-from gankd_ray.train.run import TrainJob, build_trainer, read_metrics, resolve_job, run_training
+from gankd_ray.records import read_metrics
+from gankd_ray.train.run import TrainJob, build_trainer, resolve_job, run_training
 from gankd_ray.tune import results
 
 TINY = ["detector.backbone=mobilenet_v2_0.35", "optim.batch_size=8", "data.loader_workers=0"]
@@ -43,7 +44,7 @@ def unknown_ray(monkeypatch):
 def _job(data: str, storage, name: str, epochs: int = 1) -> TrainJob:
     config = RunConfig().with_overrides(TINY)
     config.role, config.data.path, config.optim.epochs = "student", data, epochs
-    return resolve_job(TrainJob(config=config, storage=str(storage), name=name, workers=1))
+    return resolve_job(TrainJob(config=config, storage=str(storage), name=name))
 
 
 def _default_callback_names(trainer) -> set[str]:
@@ -115,7 +116,7 @@ def test_unknown_ray_trains_with_the_stock_trainer(local_ray, unknown_ray, synth
     assert ray_compat.head_node_share() == {}
 
     summary = run_training(job)
-    assert summary["status"] == "completed" and summary["epochs_done"] == 1
+    assert summary.status == "completed" and summary.epochs_done == 1
     [record] = read_metrics(job.run_dir)
     assert record["status"] == "completed" and math.isfinite(record["map"]) and record["checkpoint"]
     assert "gankd-ray's Ray hooks" not in capsys.readouterr().err, "warned more than once"
