@@ -16,20 +16,17 @@ from typing import Any, Sequence
 from ray.train.v2.api.callback import UserCallback
 
 from gankd_ray import storage
-from gankd_ray.config import ConfigError, RunConfig
+from gankd_ray.config import RunConfig
+from gankd_ray.errors import InputError, StorageFailure  # InputError: imported from here too
 from gankd_ray.train.checkpoint import CheckpointError, load_detector
 
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG_FILE = "resolved_config.yaml"
 
 
-class InputError(ValueError):
-    """Bad user input found before any Ray work starts; the message names the culprit."""
-
-
-class StorageFullError(OSError):
+class StorageFullError(StorageFailure):
     """The run's storage filled up (or hit its quota), or stopped answering, while the run wrote to it; the
-    message names it and says that rerunning the same command resumes."""
+    message names it and says that rerunning the same command resumes (exit status 4)."""
 
 
 STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -71,7 +68,7 @@ class TrainJob:
 
 
 def resolve_job(job: TrainJob) -> TrainJob:
-    """Check every input and fill what the dataset and teacher imply. Raises ``InputError``.
+    """Check every input and fill what the dataset and teacher imply. Raises ``InputError`` (or a subclass).
 
     Runs before Ray starts so that bad input costs seconds: data path and format, teacher file,
     teacher/dataset/student compatibility, config values, storage writability.
@@ -84,8 +81,10 @@ def resolve_job(job: TrainJob) -> TrainJob:
     cfg.data.path = storage.normalize_uri(cfg.data.path)
     try:
         info = read_dataset_info(cfg.data.path)
-    except (DatasetError, OSError) as err:
-        raise InputError(f"--data: {err}") from None
+    except DatasetError as err:
+        raise err.under("--data") from None
+    except OSError as err:
+        raise InputError(str(err), flag="--data") from None
     num_classes = len(info["classes"])
     if cfg.detector.num_classes not in (0, num_classes):
         raise InputError(
@@ -96,17 +95,14 @@ def resolve_job(job: TrainJob) -> TrainJob:
         cfg.teacher = _check_teacher(job.teacher, cfg, info)
     elif job.teacher:
         raise InputError(f"--teacher is only used with --role gankd (role is {cfg.role})")
-    try:
-        cfg.validate()
-    except ConfigError as err:
-        raise InputError(str(err)) from None
+    cfg.validate()
     _check_levels(cfg)
     if job.workers < 1 or job.cpus_per_worker <= 0 or job.gpus_per_worker < 0:
         raise InputError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
     try:
         storage.check_writable(job.run_dir)
     except OSError as err:
-        raise InputError(f"--storage: {err}") from None
+        raise InputError(str(err), flag="--storage") from None
     return job
 
 
@@ -118,7 +114,7 @@ def _check_teacher(teacher: str | None, cfg: RunConfig, info: dict[str, Any]):
         # its config names would otherwise only fail inside the Ray workers.
         _, teacher_cfg = load_detector(teacher)
     except CheckpointError as err:
-        raise InputError(f"--teacher: {err}") from None
+        raise err.under("--teacher") from None
     tdet = teacher_cfg.detector
     if tdet.num_classes != len(info["classes"]):
         raise InputError(

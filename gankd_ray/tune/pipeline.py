@@ -1,6 +1,7 @@
 """The product's main job: (teacher) -> baseline student -> search -> tables, report, export.
 
-``launch/search.py`` is a thin CLI over ``plan_search`` (all input checks, no Ray) and ``run_search``.
+``gankd_ray.cli.search`` (``launch/search.py``, ``gankd-search``) is a thin CLI over ``plan_search`` (all input
+checks, no Ray) and the steps after it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from gankd_ray import storage
-from gankd_ray.config import ConfigError, RunConfig
-from gankd_ray.train.run import InputError, TrainJob, resolve_job, run_training, summarize
+from gankd_ray.config import RunConfig
+from gankd_ray.errors import InputError, UserError
+from gankd_ray.train.run import TrainJob, resolve_job, run_training, summarize
 from gankd_ray.tune import results as res
 from gankd_ray.tune.search import SearchJob
-from gankd_ray.tune.space import SpaceError, load_space
+from gankd_ray.tune.space import load_space
 from gankd_ray.utils import plain_value
 from gankd_ray.wheels import default_cache_dir
 
@@ -38,12 +40,9 @@ class SearchPlan:
 
 
 def plan_search(args) -> SearchPlan:
-    """Check every input and build the jobs; raises ``InputError`` before any Ray work."""
+    """Check every input and build the jobs; raises ``InputError`` (or a subclass) before any Ray work."""
     base = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    try:
-        base = base.with_overrides(args.overrides or [])
-    except ConfigError as err:
-        raise InputError(str(err)) from None
+    base = base.with_overrides(args.overrides or [])
     # Absolute paths: Tune runs each trial driver in its own working directory.
     args.storage = storage.normalize_uri(args.storage)
     if args.teacher is not None:
@@ -55,14 +54,8 @@ def plan_search(args) -> SearchPlan:
     _check_optuna_storage(args.optuna_storage)
     from gankd_ray.models import level_names_for
 
-    try:
-        level_names = level_names_for(base.detector)
-    except ConfigError as err:
-        raise InputError(str(err)) from None
-    try:
-        space = load_space(args.space, base, level_names)
-    except SpaceError as err:
-        raise InputError(str(err)) from None
+    level_names = level_names_for(base.detector)
+    space = load_space(args.space, base, level_names)
     experiment_dir = storage.join(storage.normalize_uri(args.storage), args.name)
     resources = dict(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
                      gpus_per_worker=args.gpus_per_worker)
@@ -95,12 +88,9 @@ def _check_optuna_storage(value: str | None) -> None:
     """A reference that resolves and a URL Optuna can use, before Ray (no connection is made here)."""
     if not value:
         return
-    from gankd_ray.tune.optuna_storage import OptunaStorageError, redact, resolve
+    from gankd_ray.tune.optuna_storage import redact, resolve
 
-    try:
-        url = resolve(value)
-    except OptunaStorageError as err:
-        raise InputError(str(err)) from None
+    url = resolve(value)
     if "://" not in url:
         raise InputError(f"--optuna-storage {redact(value)}: not a database URL (e.g. sqlite:///study.db)")
 
@@ -114,12 +104,12 @@ def teacher_weights(choice: str) -> str | None:
         if not Path(choice).is_file():
             raise InputError(f"--teacher-weights: {choice} is not a file (or say imagenet / none)")
         return str(Path(choice).resolve())
-    from gankd_ray.models.weights import WeightsError, prepare_weights
+    from gankd_ray.models.weights import prepare_weights
 
     try:
         return str(prepare_weights(DEFAULT_WEIGHTS_DIR).path.resolve())
-    except WeightsError as err:
-        raise InputError(f"--teacher-weights imagenet: {err}") from None
+    except UserError as err:  # a download, hash or load failure
+        raise err.under("--teacher-weights imagenet") from None
 
 
 def _copy(config: RunConfig, role: str) -> RunConfig:

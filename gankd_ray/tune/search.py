@@ -19,6 +19,7 @@ from typing import Any
 from gankd_ray import storage
 from gankd_ray.cluster import HEAD_NODE_RESOURCE
 from gankd_ray.config import RunConfig
+from gankd_ray.errors import InputError
 from gankd_ray.train.run import TrainJob
 from gankd_ray.tune.space import SearchSpace
 
@@ -81,7 +82,7 @@ def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
     """How many trials the cluster can run at once, so trials never wait on each other (no deadlock).
 
     Each trial's driver takes no resources; its workers take ``workers * cpus`` (and GPUs).
-    Raises ``ValueError`` when even one trial can never fit.
+    Raises ``InputError`` when even one trial can never fit.
     """
     per_trial_cpu = job.workers_per_trial * job.cpus_per_worker
     limit = math.floor(resources.get("CPU", 0) / per_trial_cpu + 1e-9)
@@ -89,7 +90,7 @@ def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
         per_trial_gpu = job.workers_per_trial * job.gpus_per_worker
         limit = min(limit, math.floor(resources.get("GPU", 0) / per_trial_gpu + 1e-9))
     if limit < 1:
-        raise ValueError(
+        raise InputError(
             f"one trial needs {per_trial_cpu:g} CPU"
             + (f" and {job.workers_per_trial * job.gpus_per_worker:g} GPU" if job.gpus_per_worker else "")
             + f" but the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU in all"

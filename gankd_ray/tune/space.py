@@ -54,7 +54,7 @@ PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 ALL_LEVELS = "all"
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
     """A space file is invalid; the message names the file and the key."""
 
 
