@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError:
         raise
     except (TypeError, ValueError) as err:  # a --synthetic field of the wrong type
-        raise InputError(first_line(err)) from None
+        raise InputError(first_line(err), flag="--synthetic") from None
     print(f"[calibrate] {args.label}: {' '.join(args.set)} on {data}", flush=True)
     result = train(cfg, args, teacher)
     entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "data": data,
