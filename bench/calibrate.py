@@ -41,19 +41,20 @@ from typing import Any
 
 import torch
 
+from gankd_ray.cli import run
 from gankd_ray.config import ConfigError, RunConfig, parse_overrides
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.data.reader import read_dataset_info, read_split
 from gankd_ray.data.sources.synthetic import SyntheticSpec
+from gankd_ray.errors import EXIT_OK, InputError, UserError
 from gankd_ray.records import EpochRecord, Status
-from gankd_ray.train.checkpoint import MODEL_FILE, CheckpointError, load_detector
+from gankd_ray.train.checkpoint import MODEL_FILE, load_detector
 from gankd_ray.train.engine import EpochData, LocalRuntime, fit
 from gankd_ray.train.spec import Resources, TrainJob
-from gankd_ray.utils import machine_description, write_benchmark_json
+from gankd_ray.utils import first_line, machine_description, write_benchmark_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrate.json"
 DEFAULT_CACHE = Path("/tmp/gankd_calibrate")
-EXIT_BAD_INPUT = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -214,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(data, args.set, args.teacher)
         if args.teacher:
             load_detector(args.teacher, torch.device("cpu"))  # a bad file is refused before anything trains
-    except (ConfigError, CheckpointError, TypeError, ValueError) as err:
-        print(f"calibrate: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except UserError:
+        raise
+    except (TypeError, ValueError) as err:  # a --synthetic field of the wrong type
+        raise InputError(first_line(err), flag="--synthetic") from None
     print(f"[calibrate] {args.label}: {' '.join(args.set)} on {data}", flush=True)
     result = train(cfg, args, args.teacher)
     entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "data": data,
@@ -227,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     final = result["final"]
     print(f"[calibrate] {args.label}: train {result['train_s']:.0f}s  "
           f"mAP {final.get('map', float('nan')):.3f}  AP50 {final.get('ap50', float('nan')):.3f}", flush=True)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -41,23 +41,21 @@ from typing import Any
 
 import torch
 
+from step_cost import NUM_CLASSES, measure, random_batch
+
+from gankd_ray.cli import run
+from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig
+from gankd_ray.distill import Diverged, TrainStep, build_step
+from gankd_ray.models import build_detector
+from gankd_ray.train.spec import Resources
+from gankd_ray.errors import InputError
+from gankd_ray.tune.pipeline import TEACHER_BACKBONE
+from gankd_ray.utils import atomic_write_json, first_line, machine_description
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from step_cost import NUM_CLASSES, measure, random_batch  # noqa: E402
-
-from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig  # noqa: E402
-from gankd_ray.distill import Diverged, TrainStep, build_step  # noqa: E402
-from gankd_ray.models import build_detector  # noqa: E402
-from gankd_ray.train.spec import Resources  # noqa: E402
-from gankd_ray.tune.pipeline import TEACHER_BACKBONE  # noqa: E402
-from gankd_ray.utils import atomic_write_json, first_line, machine_description  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results"
 GPU_RESULTS = RESULTS / "gpu.json"
 CPU_RESULTS = RESULTS / "gpu_cpu_smoke.json"  # never to be read as GPU figures
-EXIT_BAD_INPUT = 2
 PARTS = ("teacher_forward", "student_step", "gankd_step")
 AMPS = ("none", "bf16")
 SEARCH_TRIALS = 2
@@ -352,8 +350,7 @@ def print_report(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: torch sees no CUDA GPU on this machine (use --device cpu)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise InputError("--device cuda: torch sees no CUDA GPU on this machine (use --device cpu)")
     device = torch.device(args.device)
     preset = QUICK if args.quick else FULL
     sizes = args.sizes or preset.sizes
@@ -387,4 +384,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -28,13 +28,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gankd_ray.config import RunConfig
+from gankd_ray.tune.request import default_grace_period
+from gankd_ray.utils import machine_description, write_benchmark_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gankd_ray.config import RunConfig  # noqa: E402
-from gankd_ray.tune.search import default_grace_period  # noqa: E402
-from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results" / "kd_effect.json"
 PAPER_SPACE = ROOT / "search_spaces" / "paper.yaml"
 DEFAULT_SPACE = ROOT / "search_spaces" / "default.yaml"

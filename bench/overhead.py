@@ -27,12 +27,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from gankd_ray.config import RunConfig
+from gankd_ray.utils import machine_description, write_benchmark_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gankd_ray.config import RunConfig  # noqa: E402
-from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results" / "overhead.json"
 GOALS = {"trial_overhead_share": ("<=", 0.10), "loader_over_consumption": (">=", 3.0), "eval_share": ("<=", 0.10)}
 

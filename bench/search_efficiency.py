@@ -31,12 +31,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from gankd_ray.tune.request import default_grace_period
+from gankd_ray.utils import machine_description, write_benchmark_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gankd_ray.tune.search import default_grace_period  # noqa: E402
-from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results" / "search_efficiency.json"
 
 

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import QUICK, random_batch
 
-from step_cost import QUICK, random_batch  # noqa: E402
-
-from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig  # noqa: E402
-from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
+from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig
+from gankd_ray.utils import machine_description, write_benchmark_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_overhead.json"
 GOAL = 1.05

@@ -28,11 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from gankd_ray.utils import machine_description, write_benchmark_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gankd_ray.utils import machine_description, write_benchmark_json  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results" / "trial_startup.json"
 
 

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from gankd_ray import ray_compat
+from gankd_ray.errors import InputError
 
 LOCAL_HOST = "127.0.0.1"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch: unset or "token" = token authentication on a local cluster
@@ -68,7 +69,7 @@ def init_ray(
 
 
 def check_dashboard_exposure(host: str, *, address: str | None = None, allow_unauthenticated: bool = False) -> None:
-    """Refuse (``ValueError``, one line) a local dashboard bound beyond loopback while token authentication
+    """Refuse (``InputError``, one line) a local dashboard bound beyond loopback while token authentication
     is off; with ``allow_unauthenticated`` print a warning instead. Call it before Ray starts.
 
     A cluster's dashboard (``address`` given) is the head node's business, not this process's.
@@ -78,7 +79,7 @@ def check_dashboard_exposure(host: str, *, address: str | None = None, allow_una
     exposure = (f"--dashboard-host {host} with {AUTH_MODE_ENV}={os.environ[AUTH_MODE_ENV]}: an unauthenticated "
                 "job-submission endpoint, anyone who reaches it can run code as you")
     if not allow_unauthenticated:
-        raise ValueError(f"{exposure}; bind it to 127.0.0.1 (forward the port over ssh) or turn token "
+        raise InputError(f"{exposure}; bind it to 127.0.0.1 (forward the port over ssh) or turn token "
                          "authentication on (--allow-unauthenticated-dashboard overrides)")
     print(f"WARNING: {exposure} (allowed by --allow-unauthenticated-dashboard)", file=sys.stderr, flush=True)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from gankd_ray.errors import ConfigError
+from gankd_ray.errors import ConfigError, InputError  # ConfigError: imported from here too
 from gankd_ray.utils import first_line, short_repr
 
 # A config or space file has a few hundred values; aliases that multiply them past this are an attack
@@ -33,7 +33,7 @@ UPDATE_MODES = ("simultaneous", "alternating")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-class YamlBombError(yaml.YAMLError):
+class YamlBombError(InputError, yaml.YAMLError):
     """A YAML document whose aliases expand beyond ``MAX_YAML_NODES`` values, or refer to themselves."""
 
 

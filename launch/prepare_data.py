@@ -1,15 +1,13 @@
 #!/usr/bin/env python
 """Prepare a detection dataset for training: ``python launch/prepare_data.py {synthetic,voc,coco,neon-trees} ... --out DIR``.
 
-See ``gankd_ray/data/prepare.py`` (``--help`` of each subcommand lists its options).
+See ``gankd_ray/data/prepare.py`` (``--help`` of each subcommand lists its options; installed as
+``gankd-prepare-data``).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gankd_ray.data.prepare import main  # noqa: E402
+from gankd_ray.cli import run, prepare_data
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(prepare_data.main))

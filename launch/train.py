@@ -4,98 +4,13 @@
 Example:
     python launch/train.py --role teacher --data data/synthetic --epochs 6 --workers 2 \
         --storage runs --name teacher detector.backbone=mobilenet_v2
+
+The command is ``gankd_ray/cli/train.py`` (installed as ``gankd-train``).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gankd_ray.config import ConfigError, RunConfig  # noqa: E402
-from gankd_ray.records import Status  # noqa: E402
-from gankd_ray.train.run import InputError, Resources, StorageFullError, TrainJob, resolve_job  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
-EXIT_STORAGE_FULL = 4
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=["teacher", "student", "gankd"], required=True)
-    parser.add_argument("--data", required=True, help="prepared dataset folder or URI")
-    parser.add_argument("--teacher", help="teacher checkpoint (directory or model.pt); --role gankd only")
-    parser.add_argument("--config", help="YAML run config (defaults for every field)")
-    parser.add_argument("--epochs", type=int, help="train up to this epoch (a rerun with more continues)")
-    parser.add_argument("--workers", type=int, default=1, help="data-parallel workers")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
-    parser.add_argument("--max-failures", type=int, default=2, help="worker failures tolerated (resume from checkpoint)")
-    parser.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
-    parser.add_argument("--storage", default="runs", help="where runs live (folder or URI)")
-    parser.add_argument("--name", required=True, help="run name; reusing it resumes the run")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. distill.adv_weight=0.1")
-    return parser.parse_args(argv)
-
-
-def build_job(args: argparse.Namespace) -> TrainJob:
-    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    config = config.with_overrides(args.overrides)
-    config.role = args.role
-    config.data.path = args.data
-    if args.epochs is not None:
-        config.optim.epochs = args.epochs
-    job = TrainJob(
-        config=config,
-        storage=args.storage,
-        name=args.name,
-        resources=Resources(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                            gpus_per_worker=args.gpus_per_worker),
-        teacher=args.teacher,
-        max_failures=args.max_failures,
-    )
-    return resolve_job(job)
-
-
-def _stop_ray() -> None:
-    import ray
-
-    ray.shutdown()
-
-
-def _fmt(value) -> str:
-    """A metric for the summary line; missing (no epoch reported, NaN dropped from the log) shows as n/a."""
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        job = build_job(args)
-    except (ConfigError, InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-    from gankd_ray.cluster import init_ray
-    from gankd_ray.train.run import run_training
-
-    init_ray(args.address, num_cpus=None)
-    try:
-        summary = run_training(job)
-    except StorageFullError as err:
-        _stop_ray()  # Ray forwards the workers' tracebacks asynchronously: stop it so the error line comes last
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_STORAGE_FULL
-    print(
-        f"[gankd-ray] {job.name}: status {summary.status}, epochs {summary.epochs_done}, "
-        f"best mAP {_fmt(summary.best_map)} (AP50 {_fmt(summary.best_ap50)}) "
-        f"at epoch {summary.best_epoch}, checkpoint {summary.checkpoint}"
-    )
-    return EXIT_DIVERGED if summary.status is Status.DIVERGED else 0
-
+from gankd_ray.cli import run, train
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(train.main))

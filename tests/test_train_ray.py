@@ -1,12 +1,12 @@
 """Ray Train runs on a real local Ray (no mocks): roles, disjoint shares, resume, worker failure, bad input.
 
 Kept small for 2 cores: one CLI subprocess (the teacher, with its own Ray), then one shared in-process
-Ray instance for the other runs, which call ``launch/train.py``'s ``build_job`` + ``run_training``.
+Ray instance for the other runs, which call the train command's ``build_job`` + ``run_training``
+(``gankd_ray.cli.train``, behind ``launch/train.py``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gankd_ray.cli import train as train_cli
 from gankd_ray.records import EpochRecord, read_metrics, summarize
 from gankd_ray.train.run import run_training
 from gankd_ray.tune.results import trial_row
@@ -28,16 +29,6 @@ TRAIN_CLI = REPO / "launch" / "train.py"
 TINY = ["detector.backbone=mobilenet_v2_0.35", "optim.batch_size=8", "data.loader_workers=0"]
 TEACHER = ["detector.backbone=mobilenet_v2_0.5", "optim.batch_size=8", "data.loader_workers=0"]
 TRAIN_IMAGES = 48  # synthetic_data: 48 train images; 2 ranks x floor(24 / 8) batches x 8 = 48 per epoch
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("launch_train", TRAIN_CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-launch_train = _train_module()
 
 
 def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -51,7 +42,7 @@ def _job(role: str, data: str, storage: Path, name: str, epochs: int, *extra: st
             "--storage", str(storage), "--name", name]
     if teacher:
         argv += ["--teacher", teacher]
-    return launch_train.build_job(launch_train.parse_args([*argv, *extra]))
+    return train_cli.build_job(train_cli.parse_args([*argv, *extra]))
 
 
 def _check_completed_run(run_dir: str, epochs: int, first_epoch: int = 1) -> list[dict]:
@@ -85,7 +76,7 @@ def test_summary_picks_kept_checkpoint_and_prints_missing_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "map": None, "status": "diverged"}) + "\n")
     summary = summarize(str(tmp_path))
     assert summary.best_map is None and summary.status == "diverged"
-    assert launch_train._fmt(None) == "n/a" and launch_train._fmt(0.25) == "0.2500"
+    assert train_cli._fmt(None) == "n/a" and train_cli._fmt(0.25) == "0.2500"
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -14,6 +13,8 @@ import pytest
 import torch
 import torchvision
 
+from gankd_ray.cli import prepare_weights as prepare_weights_cli
+from gankd_ray.cli import run
 from gankd_ray.config import ConfigError, DetectorConfig
 from gankd_ray.models import build_detector
 from gankd_ray.models import weights as weights_mod
@@ -140,11 +141,8 @@ def test_download_failure_is_a_download_error(tmp_path, monkeypatch):
 
 @pytest.fixture
 def cli_main():
-    """``main`` of launch/prepare_weights.py, run in process (launch/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("prepare_weights_cli", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """The prepare_weights command (behind launch/prepare_weights.py) run in process: argv -> exit status."""
+    return lambda argv: run(prepare_weights_cli.main, argv)
 
 
 def _fail_download(source, dest):

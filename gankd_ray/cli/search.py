@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gankd_ray import storage
 from gankd_ray.cli import entry
-from gankd_ray.errors import InputError
+from gankd_ray.errors import EXIT_OK, InputError
 from gankd_ray.tune import pipeline
 from gankd_ray.tune.request import DEFAULT_DATA, SearchRequest, load_request, save_request
 from gankd_ray.tune.search import SAMPLERS
@@ -101,11 +101,8 @@ def request_of(args: argparse.Namespace) -> SearchRequest:
 def check_dashboard(args: argparse.Namespace) -> None:
     from gankd_ray.cluster import check_dashboard_exposure
 
-    try:
-        check_dashboard_exposure(args.dashboard_host, address=args.address,
-                                 allow_unauthenticated=args.allow_unauthenticated_dashboard)
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    check_dashboard_exposure(args.dashboard_host, address=args.address,
+                             allow_unauthenticated=args.allow_unauthenticated_dashboard)
 
 
 def ensure_default_data(request: SearchRequest) -> None:
@@ -145,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gankd-ray] Ray dashboard: {url or 'none on this cluster (the search does not need one)'}", flush=True)
     try:
         concurrency_limit(plan.job, cluster_resources())
-    except ValueError as err:
-        raise InputError(str(err), flag="--workers-per-trial/--cpus-per-worker/--gpus-per-worker") from None
+    except InputError as err:
+        raise err.under("--workers-per-trial/--cpus-per-worker/--gpus-per-worker") from None
     try:
         if not args.resume:
             save_request(request)
@@ -160,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         raise full from None
     print("\n" + outcome["table"])
     print(f"\n[gankd-ray] results in {plan.job.experiment_dir} (trials.parquet, epochs.parquet, report/, best/)")
-    return 0
+    return EXIT_OK
 
 
 console_script = entry(main)

@@ -1,7 +1,8 @@
 """``prepare_data`` command line: one subcommand per registered source, the same output layout for all.
 
-Exit status 0 on success, 2 on invalid input (one ``error:`` line on stderr naming the file and id),
-with no partial output folder left behind (SIGTERM cleans up as Ctrl-C does; exit status 143).
+``main`` raises ``DatasetError`` on invalid input, which ``gankd_ray.cli.run`` (``launch/prepare_data.py``,
+``gankd-prepare-data``) turns into exit status 2 and one ``error:`` line on stderr naming the file and id;
+no partial output folder is left behind (SIGTERM cleans up as Ctrl-C does; exit status 143).
 """
 
 from __future__ import annotations
@@ -9,23 +10,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from gankd_ray.data.records import DatasetError, Rejections
+from gankd_ray.data.records import Rejections
 from gankd_ray.data.sources import available_sources, get_source
 from gankd_ray.data.validate import DEFAULT_MAX_PIXELS
 from gankd_ray.data.writer import ROWS_PER_SHARD, check_output_dir, output_path, stderr_log, write_dataset
 
-EXIT_INVALID = 2
 MESSAGES_SHOWN = 10  # dropped items listed on stderr with --drop-invalid; the rest are only counted
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="prepare_data.py",
         description="Convert a detection dataset into the prepared format (COCO json + images + parquet shards).",
     )
     subparsers = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -68,16 +66,12 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rejections = Rejections(drop_invalid=args.drop_invalid)
-    try:
-        with _terminate_cleanly():
-            check_output_dir(output_path(args.out), args.overwrite)
-            data = get_source(args.source).load(args, rejections)
-            # Progress goes to stdout: on invalid input, stderr holds the one error line and nothing else.
-            info = write_dataset(args.out, data, rejections, overwrite=args.overwrite,
-                                 rows_per_shard=args.rows_per_shard, log=stdout_log, max_pixels=args.max_pixels)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
+    with _terminate_cleanly():
+        check_output_dir(output_path(args.out), args.overwrite)
+        data = get_source(args.source).load(args, rejections)
+        # Progress goes to stdout: on invalid input, stderr holds the one error line and nothing else.
+        info = write_dataset(args.out, data, rejections, overwrite=args.overwrite,
+                             rows_per_shard=args.rows_per_shard, log=stdout_log, max_pixels=args.max_pixels)
     for message in rejections.messages[:MESSAGES_SHOWN]:
         stderr_log(f"dropped: {message}")
     print(summary_line(args.out, info))

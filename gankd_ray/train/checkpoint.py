@@ -24,6 +24,8 @@ import torch
 
 from gankd_ray import storage
 from gankd_ray.config import ConfigError, RunConfig
+from gankd_ray.errors import InputError
+from gankd_ray.utils import first_line
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -31,7 +33,7 @@ MODEL_FORMAT = "gankd-ray-model"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, unsafe, or not a gankd-ray checkpoint."""
 
 
@@ -54,10 +56,10 @@ def load_torch(location: str | Path, map_location: str | torch.device = "cpu") -
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused, not a weights-only checkpoint ({first})") from None
+        detail = first_line(err) if str(err).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused, not a weights-only checkpoint ({detail})") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(err)})") from None
 
 
 def model_payload(detector: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu"):
     except RuntimeError as err:
         raise CheckpointError(
             f"{resolve_model_file(path)}: weights do not match backbone "
-            f"{config.detector.backbone!r} ({str(err).splitlines()[0]})"
+            f"{config.detector.backbone!r} ({first_line(err)})"
         ) from None
     return detector.to(device).eval(), config
 

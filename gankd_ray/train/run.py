@@ -21,7 +21,7 @@ __all__ = ["InputError", "Resources", "StorageFullError", "TrainJob", "build_tra
 
 class StorageFullError(StorageFailure):
     """The run's storage filled up (or hit its quota), or stopped answering, while the run wrote to it; the
-    message names it and says that rerunning the same command resumes."""
+    message names it and says that rerunning the same command resumes (exit status 4)."""
 
 
 STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

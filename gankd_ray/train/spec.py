@@ -71,7 +71,7 @@ class TrainJob:
 
 
 def resolve_job(job: TrainJob) -> TrainJob:
-    """Check every input and fill what the dataset and teacher imply. Raises ``InputError``.
+    """Check every input and fill what the dataset and teacher imply. Raises ``InputError`` (or a subclass).
 
     Runs before Ray starts so that bad input costs seconds: data path and format, teacher file,
     teacher/dataset/student compatibility, config values, storage writability.
@@ -84,8 +84,10 @@ def resolve_job(job: TrainJob) -> TrainJob:
     cfg.data.path = storage.normalize_uri(cfg.data.path)
     try:
         info = read_dataset_info(cfg.data.path)
-    except (DatasetError, OSError) as err:
-        raise InputError(f"--data: {err}") from None
+    except DatasetError as err:
+        raise err.under("--data") from None
+    except OSError as err:
+        raise InputError(str(err), flag="--data") from None
     num_classes = len(info["classes"])
     if cfg.detector.num_classes not in (0, num_classes):
         raise InputError(
@@ -105,7 +107,7 @@ def resolve_job(job: TrainJob) -> TrainJob:
     try:
         storage.check_writable(job.run_dir)
     except OSError as err:
-        raise InputError(f"--storage: {err}") from None
+        raise InputError(str(err), flag="--storage") from None
     return job
 
 
@@ -119,7 +121,7 @@ def _check_teacher(teacher: str | None, cfg: RunConfig, info: dict[str, Any]):
         # its config names would otherwise only fail inside the Ray workers.
         _, teacher_cfg = load_detector(teacher)
     except CheckpointError as err:
-        raise InputError(f"--teacher: {err}") from None
+        raise err.under("--teacher") from None
     tdet = teacher_cfg.detector
     if tdet.num_classes != len(info["classes"]):
         raise InputError(

@@ -22,12 +22,13 @@ from typing import Any
 
 import optuna
 
+from gankd_ray.errors import InputError
 ENV_PREFIX = "env:"
 FILE_PREFIX = "file:"
 HIDDEN = "***"
 
 
-class OptunaStorageError(ValueError):
+class OptunaStorageError(InputError):
     """A reference that does not resolve, or a URL that needs its password again; one line."""
 
 

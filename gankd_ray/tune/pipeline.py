@@ -1,6 +1,7 @@
 """The product's main job: (teacher) -> baseline student -> search -> tables, report, export.
 
-``launch/search.py`` is a thin CLI over ``plan_search`` (all input checks, no Ray) and ``run_search``.
+``gankd_ray.cli.search`` (``launch/search.py``, ``gankd-search``) is a thin CLI over ``plan_search`` (all input
+checks, no Ray) and the steps after it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 from gankd_ray import storage
 from gankd_ray.config import RunConfig
+from gankd_ray.errors import InputError, UserError
 from gankd_ray.records import RunSummary, Status, summarize
-from gankd_ray.train.run import InputError, TrainJob, resolve_job, run_training
+from gankd_ray.train.run import TrainJob, resolve_job, run_training
 from gankd_ray.tune import results as res
 from gankd_ray.tune.request import SearchRequest
 from gankd_ray.tune.search import SearchJob
@@ -90,12 +92,9 @@ def _check_optuna_storage(value: str | None) -> None:
     """A reference that resolves and a URL Optuna can use, before Ray (no connection is made here)."""
     if not value:
         return
-    from gankd_ray.tune.optuna_storage import OptunaStorageError, redact, resolve
+    from gankd_ray.tune.optuna_storage import redact, resolve
 
-    try:
-        url = resolve(value)
-    except OptunaStorageError as err:
-        raise InputError(str(err)) from None
+    url = resolve(value)
     if "://" not in url:
         raise InputError(f"--optuna-storage {redact(value)}: not a database URL (e.g. sqlite:///study.db)")
 
@@ -109,12 +108,12 @@ def teacher_weights(choice: str) -> str | None:
         if not Path(choice).is_file():
             raise InputError(f"--teacher-weights: {choice} is not a file (or say imagenet / none)")
         return str(Path(choice).resolve())
-    from gankd_ray.models.weights import WeightsError, prepare_weights
+    from gankd_ray.models.weights import prepare_weights
 
     try:
         return str(prepare_weights(DEFAULT_WEIGHTS_DIR).path.resolve())
-    except WeightsError as err:
-        raise InputError(f"--teacher-weights imagenet: {err}") from None
+    except UserError as err:  # a download, hash or load failure
+        raise err.under("--teacher-weights imagenet") from None
 
 
 def _copy(config: RunConfig, role: str) -> RunConfig:

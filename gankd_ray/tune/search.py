@@ -19,6 +19,7 @@ from typing import Any
 from gankd_ray import ray_compat, storage
 from gankd_ray.config import RunConfig
 from gankd_ray.distill.health import DEFAULT_PATIENCE, gan_verdict
+from gankd_ray.errors import InputError
 from gankd_ray.records import EpochRecord, RunContext, read_records
 from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, Resources, TrainJob
 from gankd_ray.tune.space import SearchSpace
@@ -79,14 +80,14 @@ def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
     """How many trials the cluster can run at once, so trials never wait on each other (no deadlock).
 
     Each trial's driver takes no resources; its workers take ``workers * cpus`` (and GPUs).
-    Raises ``ValueError`` when even one trial can never fit.
+    Raises ``InputError`` when even one trial can never fit.
     """
     need = job.resources.total()
     limit = math.floor(resources.get("CPU", 0) / need["CPU"] + 1e-9)
     if job.resources.use_gpu:
         limit = min(limit, math.floor(resources.get("GPU", 0) / need["GPU"] + 1e-9))
     if limit < 1:
-        raise ValueError(
+        raise InputError(
             f"one trial needs {need['CPU']:g} CPU" + (f" and {need['GPU']:g} GPU" if job.resources.use_gpu else "")
             + f" but the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU in all"
         )

@@ -27,7 +27,6 @@ from typing import Any
 
 import yaml
 
-from gankd_ray.errors import InputError
 from gankd_ray.config import ConfigError, RunConfig, load_yaml
 from gankd_ray.utils import SHORT_REPR_CHARS, first_line, short_repr
 
@@ -64,7 +63,7 @@ PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 ALL_LEVELS = "all"
 
 
-class SpaceError(InputError):
+class SpaceError(ConfigError):
     """A space file is invalid; the message names the file and the key."""
 
 

@@ -49,6 +49,7 @@ from gankd_ray.data.sources import DatasetSource, register_source
 from gankd_ray.data.sources.voc import parse_voc_object, voc_size_field
 from gankd_ray.data.validate import BOX_TOLERANCE_PX
 from gankd_ray.data.writer import stderr_log
+from gankd_ray.utils import first_line
 
 DEEPFOREST_WHEEL = wheels.PinnedWheel(
     package="deepforest",
@@ -236,7 +237,7 @@ def _scene(xml_name: str, files: Mapping[str, bytes], origin: str, rejections: R
         with Image.open(io.BytesIO(files[image_name])) as image:
             width, height = image.size
     except Exception as err:  # PIL raises several types for corrupt files
-        rejections.reject("image", f"{origin}: {image_name}: corrupt or unsupported image ({wheels.first_line(err)})")
+        rejections.reject("image", f"{origin}: {image_name}: corrupt or unsupported image ({first_line(err)})")
         return None
     declared = (voc_size_field(tree, "width"), voc_size_field(tree, "height"))
     if None not in declared and declared != (width, height):
