@@ -21,7 +21,7 @@ from gankd_ray.tune.search import SAMPLERS
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SearchRequest()
-    p = argparse.ArgumentParser(prog="gankd-search", description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="from_file", metavar="FILE",
                    help="a saved search request (an experiment's search.yaml) whose options are the defaults here")
