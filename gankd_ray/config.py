@@ -307,13 +307,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def paper_recipe() -> DistillConfig:
-    """The published GAN-KD recipe (Wang et al. 2019): WGAN critic, clip 0.03, all levels, teacher head."""
-    return DistillConfig(
-        levels=[], head_mode="teacher", adv_loss="wgan", adv_weight=1.0, clip=0.03, lr_ratio=1.0
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 

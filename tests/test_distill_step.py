@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from gankd_ray.config import ConfigError, DetectorConfig, DistillConfig, OptimConfig, RunConfig, paper_recipe
+from conftest import paper_recipe
+from gankd_ray.config import ConfigError, DetectorConfig, DistillConfig, OptimConfig, RunConfig
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.distill import (
     AdaptedBackbone,
@@ -271,7 +272,7 @@ def test_n_critic_updates_per_student_update(teacher: SSDDetector, batch: Batch)
 
 
 def test_paper_mode_clips_the_critic_and_exports(teacher: SSDDetector, batch: Batch) -> None:
-    cfg = run_config(**{**vars(paper_recipe()), "n_critic": 2})
+    cfg = paper_recipe(run_config()).with_overrides({"distill.n_critic": 2})
     step = make_step(cfg, teacher)
     bound = cfg.distill.clip
     seen: list[float] = []  # the largest |weight| each critic sees when it runs
