@@ -395,3 +395,16 @@ def test_predict_gives_original_coordinates_and_keeps_train_mode(teacher: SSDDet
     assert wide[:, 2].max() > SIZE and wide[:, [0, 2]].max() <= 640 and wide[:, [1, 3]].max() <= 320
     assert small.max() <= 80
     assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def test_predict_is_the_exported_detectors_predict_resized(teacher: SSDDetector, batch: Batch) -> None:
+    """Training's validation and an export's evaluation run one function: the same detections, bit for bit."""
+    step = make_step(run_config(head_mode="teacher"), teacher).train(True)
+    sizes = [(320, 640), (80, 80)]
+    live = step.predict(batch[0], sizes)
+    exported = step.export_detector().train(True)
+    offline = exported.predict_resized(batch[0], sizes)
+    assert exported.training, "predict_resized restores the mode it found"
+    assert len(live) == len(offline) == 2 and len(live[0]["boxes"])
+    for want, got in zip(live, offline):
+        assert set(want) == set(got) and all(torch.equal(want[key], got[key]) for key in want)
