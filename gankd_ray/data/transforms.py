@@ -99,7 +99,8 @@ class DetectionTransform:
         picture = resize_square(picture, size)
         # Pixels stay in numpy until the end: torch's intra-op threads only cost time on images this small.
         image = np.asarray(picture, dtype=np.float32) / np.float32(255.0)
-        boxes_s = resize_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), list(orig_size), [size, size])
+        boxes_s = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        boxes_s = resize_boxes(boxes_s, list(orig_size), [size, size])
         if rng is not None and self.hflip and rng.random() < 0.5:
             image = image[:, ::-1]
             boxes_s = hflip_boxes(boxes_s, size)
