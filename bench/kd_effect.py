@@ -75,8 +75,7 @@ def train(cfg: RunConfig, storage: Path, name: str, teacher: str | None = None) 
 
 
 def test_metrics(model_file: str, data: str) -> dict[str, float]:
-    from gankd_ray.tune.export import export_model
-    from gankd_ray.tune.inference import evaluate_export
+    from gankd_ray.export import evaluate_export, export_model
 
     with tempfile.TemporaryDirectory() as out:
         export_model(model_file, out, {"purpose": "kd_effect test scoring"})

@@ -336,13 +336,6 @@ def from_plain(cls: type, data: Any, where: str) -> Any:
     return _from_dict(cls, data, where)
 
 
-def paper_recipe() -> DistillConfig:
-    """The published GAN-KD recipe (Wang et al. 2019): WGAN critic, clip 0.03, all levels, teacher head."""
-    return DistillConfig(
-        levels=[], head_mode="teacher", adv_loss="wgan", adv_weight=1.0, clip=0.03, lr_ratio=1.0
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 

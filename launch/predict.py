@@ -1,61 +1,9 @@
 #!/usr/bin/env python
-"""Detect objects in image files with an exported student (student.pt, weights only; --torchscript for student.ts).
+"""Detect objects in image files with an exported student (see gankd_ray/cli/predict.py; installed as gankd-predict)."""
 
-student.ts is TorchScript, and TorchScript is code that runs with your rights (it can read and write
-files): use --torchscript only with model folders you trust. student.pt is safe with a folder from anyone.
---onnx runs student.onnx in onnxruntime (CPU) on the image resized to the model's S x S; onnxruntime
-parses the file with native code, so --onnx is for trusted model folders too.
-
-Writes OUT/detections.json (COCO results: image_id = position in --images from 1, file_name,
-category_id, category_name, bbox [x, y, w, h], score) and OUT/<image stem>.png with the boxes drawn.
-
-Example:
-    python launch/predict.py --model runs/default/best --images photos/*.jpg --out predictions [--score-thresh 0.3] [--torchscript | --onnx]
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gankd_ray.data.validate import DEFAULT_MAX_PIXELS  # noqa: E402
-from gankd_ray.tune.inference import InferenceError, predict_images  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="export folder (student.pt, student.ts, student.onnx, card.json)")
-    parser.add_argument("--images", required=True, nargs="+", help="image files")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this")
-    parser.add_argument("--torchscript", action="store_true",
-                        help="run student.ts instead of student.pt (TorchScript is code: trusted files only)")
-    parser.add_argument("--onnx", action="store_true",
-                        help="run student.onnx in onnxruntime on the CPU (trusted files only)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help=f"refuse larger images, checked before decoding (default {DEFAULT_MAX_PIXELS})")
-    # student.pt is the default now; --eager (which asked for it) is still accepted so old scripts run.
-    parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = predict_images(args.model, args.images, args.out, args.score_thresh,
-                                 torchscript=args.torchscript and not args.eager, onnx=args.onnx,
-                                 max_pixels=args.max_pixels)
-    except InferenceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"{summary['count']} detections in {len(summary['images'])} images -> {summary['detections']}")
-    return 0
-
+from gankd_ray.cli import run, predict
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(predict.main))

@@ -31,6 +31,19 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data"))
 
 
+PAPER_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "paper.yaml"
+
+
+def paper_recipe(config):
+    """``config`` (a ``RunConfig``) with the published GAN-KD recipe applied: the fixed values of
+    ``search_spaces/paper.yaml`` (the recipe's one source of truth), through the search's own
+    ``SearchSpace.to_overrides``."""
+    from gankd_ray.tune.space import load_space
+
+    space = load_space(PAPER_SPACE, config)
+    return config.with_overrides(space.to_overrides(space.fixed_values()))
+
+
 def write_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
     """A small noisy RGB image (format from the suffix: .png, .jpg)."""
     import numpy as np

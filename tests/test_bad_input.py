@@ -457,7 +457,7 @@ def inputs(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     from gankd_ray.config import RunConfig
     from gankd_ray.models import build_detector
     from gankd_ray.train.checkpoint import model_payload, save_torch
-    from gankd_ray.tune.export import export_model
+    from gankd_ray.export import export_model
 
     root = tmp_path_factory.mktemp("bad_input_files")
     cfg = RunConfig().with_overrides(["detector.backbone=mobilenet_v2_0.35"])

@@ -105,7 +105,15 @@ def test_too_few_rows_for_one_batch_per_rank_is_an_error(synthetic_data: str) ->
         DetectionBatchLoader.from_dataset(synthetic_data, "val", S, 9, train=True, rank=0, world_size=2, num_workers=0)
 
 
+def _loader_for(config: DataConfig, train: bool) -> DetectionBatchLoader:
+    """The train or val loader a ``DataConfig`` describes, as the training loop builds it."""
+    return DetectionBatchLoader.from_dataset(
+        config.path, config.train_split if train else config.val_split, S, B, train=train,
+        hflip=config.hflip and train, jitter=config.jitter if train else 0.0, num_workers=config.loader_workers,
+    )
+
+
 def test_built_from_the_data_config(synthetic_data: str) -> None:
     config = DataConfig(path=synthetic_data, loader_workers=0)
-    assert len(DetectionBatchLoader.from_config(config, S, B, train=True)) == 48 // B
-    assert len(DetectionBatchLoader.from_config(config, S, B, train=False)) == 4  # ceil(16 / 5)
+    assert len(_loader_for(config, train=True)) == 48 // B
+    assert len(_loader_for(config, train=False)) == 4  # ceil(16 / 5)

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.models.detection.transform import resize_boxes
 
-from gankd_ray.data.transforms import (
-    DetectionTransform,
-    boxes_to_original,
-    hflip_boxes,
-    photometric_jitter,
-    resize_boxes,
-)
+from gankd_ray.data.transforms import DetectionTransform, hflip_boxes, photometric_jitter
 
 ORIG_W, ORIG_H, S = 200, 120, 160
 BOX = np.array([[30.0, 20.0, 90.0, 100.0]], dtype=np.float32)  # a white rectangle on black, in original pixels
@@ -61,9 +56,9 @@ def test_resized_and_flipped_boxes_cover_the_same_pixels(flip: bool) -> None:
 
 def test_s_space_boxes_map_back_to_the_original_image() -> None:
     boxes = torch.tensor([[30.0, 20.0, 90.0, 100.0], [0.0, 0.0, 200.0, 120.0]])
-    in_s = resize_boxes(boxes, (ORIG_H, ORIG_W), S)
+    in_s = resize_boxes(boxes, [ORIG_H, ORIG_W], [S, S])  # the transform's mapping
     assert in_s[1].tolist() == [0.0, 0.0, S, S]
-    assert torch.allclose(boxes_to_original(in_s, S, (ORIG_H, ORIG_W)), boxes)
+    assert torch.allclose(resize_boxes(in_s, [S, S], [ORIG_H, ORIG_W]), boxes)  # and the detector's way back
 
 
 def test_flipping_twice_is_the_identity_and_keeps_x1_below_x2() -> None:

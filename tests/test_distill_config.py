@@ -13,8 +13,8 @@ from gankd_ray.config import (
     DistillConfig,
     OptimConfig,
     RunConfig,
-    paper_recipe,
 )
+from conftest import paper_recipe
 
 
 def _non_default_config() -> RunConfig:
@@ -104,10 +104,10 @@ def test_new_knobs_are_validated(config: object, message: str) -> None:
 
 
 def test_paper_recipe() -> None:
-    recipe = paper_recipe()
+    cfg = paper_recipe(RunConfig(role="gankd"))
+    recipe = cfg.distill
     recipe.validate()
     assert (recipe.adv_loss, recipe.clip, recipe.levels, recipe.lr_ratio, recipe.adv_weight, recipe.head_mode) == (
         "wgan", 0.03, [], 1.0, 1.0, "teacher"
     )
-    cfg = RunConfig(distill=recipe)
     assert RunConfig.from_dict(cfg.to_dict()).distill == recipe

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from gankd_ray.config import ConfigError, DetectorConfig, DistillConfig, OptimConfig, RunConfig, paper_recipe
+from conftest import paper_recipe
+from gankd_ray.config import ConfigError, DetectorConfig, DistillConfig, OptimConfig, RunConfig
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.distill import (
     AdaptedBackbone,
@@ -271,7 +272,7 @@ def test_n_critic_updates_per_student_update(teacher: SSDDetector, batch: Batch)
 
 
 def test_paper_mode_clips_the_critic_and_exports(teacher: SSDDetector, batch: Batch) -> None:
-    cfg = run_config(**{**vars(paper_recipe()), "n_critic": 2})
+    cfg = paper_recipe(run_config()).with_overrides({"distill.n_critic": 2})
     step = make_step(cfg, teacher)
     bound = cfg.distill.clip
     seen: list[float] = []  # the largest |weight| each critic sees when it runs
@@ -538,3 +539,16 @@ def test_alternating_step_that_diverges_applies_nothing(teacher: SSDDetector, ba
         assert_same_tensors(before, snapshot(step))
         assert step.phase() == phase  # a failed step is not a turn
         step.train_step(*batch, 0.0)
+
+
+def test_predict_is_the_exported_detectors_predict_resized(teacher: SSDDetector, batch: Batch) -> None:
+    """Training's validation and an export's evaluation run one function: the same detections, bit for bit."""
+    step = make_step(run_config(head_mode="teacher"), teacher).train(True)
+    sizes = [(320, 640), (80, 80)]
+    live = step.predict(batch[0], sizes)
+    exported = step.export_detector().train(True)
+    offline = exported.predict_resized(batch[0], sizes)
+    assert exported.training, "predict_resized restores the mode it found"
+    assert len(live) == len(offline) == 2 and len(live[0]["boxes"])
+    for want, got in zip(live, offline):
+        assert set(want) == set(got) and all(torch.equal(want[key], got[key]) for key in want)

@@ -7,7 +7,6 @@ the ``export`` extra (onnx, onnxscript, onnxruntime), which ``make test`` instal
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,8 +24,8 @@ from gankd_ray.distill import build_step
 from gankd_ray.eval import coco_results, evaluate_coco, load_coco
 from gankd_ray.train.checkpoint import load_torch, model_payload, save_torch
 from gankd_ray.train.checkpoint import load_detector
-from gankd_ray.tune.export import export_model
-from gankd_ray.tune.inference import predict_resized
+from gankd_ray.cli import evaluate as evaluate_cli, export as export_cli, predict as predict_cli, run
+from gankd_ray.export import ExportError, export_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 160
@@ -44,11 +43,18 @@ SCORE_ATOL = 1e-4
 ENV = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT)}
 
 
-def _launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+class _Command:
+    """A command module's ``main`` as the console script runs it: ``UserError`` -> one line, exit status."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def main(self, argv: list[str]) -> int:
+        return run(self.module.main, argv)
+
+
+def _command(name: str) -> _Command:
+    return _Command({"evaluate": evaluate_cli, "export": export_cli, "predict": predict_cli}[name])
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -165,7 +171,7 @@ def test_evaluate_matches_the_training_loops_val_figure(trained):
 
 
 def test_evaluate_torchscript_is_close(trained, capsys):
-    evaluate = _launch("evaluate")
+    evaluate = _command("evaluate")
     assert evaluate.main(["--model", str(trained["export"]), "--data", trained["data"], "--split", "val", "--torchscript"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["file"] == "student.ts"
@@ -203,7 +209,7 @@ def test_onnx_graph_runs_in_onnxruntime_with_a_dynamic_batch(trained, tmp_path):
         anchors = torch.from_numpy(outputs[f"anchors_{batch}"])
         torch.testing.assert_close(anchors, detector.anchors(levels, SIZE), atol=0, rtol=0)
         got = detector.decode(head, anchors, SIZE, sizes[:batch])
-        _assert_same_detections(predict_resized(detector, images[:batch], sizes[:batch]), got)
+        _assert_same_detections(detector.predict_resized(images[:batch], sizes[:batch]), got)
 
 
 def test_evaluate_onnx_gives_the_student_pt_figure(trained):
@@ -225,7 +231,7 @@ def test_evaluate_onnx_gives_the_student_pt_figure(trained):
 
 def test_predict_onnx_writes_the_eager_detections(trained, tmp_path):
     files = sorted((Path(trained["data"]) / "images" / "test").iterdir())[:2]
-    predict = _launch("predict")
+    predict = _command("predict")
     per_model = {}
     for name, flags in (("eager", []), ("onnx", ["--onnx"])):
         out = tmp_path / name
@@ -251,7 +257,7 @@ def _detections_by_image(detections: list[dict], count: int) -> list[dict]:
 
 
 def test_evaluate_bad_input_exits_2(trained, tmp_path, capsys):
-    evaluate = _launch("evaluate")
+    evaluate = _command("evaluate")
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("student.ts", "card.json"):
@@ -259,6 +265,10 @@ def test_evaluate_bad_input_exits_2(trained, tmp_path, capsys):
     assert evaluate.main(["--model", str(broken), "--data", trained["data"]]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing student.pt" in err and len(err.splitlines()) == 1
+    with pytest.raises(ExportError) as raised:  # what the command raises, before the runner turns it into a line
+        evaluate_cli.main(["--model", str(broken), "--data", trained["data"]])
+    assert raised.value.flag == "--model" and raised.value.message.startswith(str(broken))
+    assert err == f"error: {raised.value}"
     assert evaluate.main(["--model", str(broken), "--data", trained["data"], "--onnx"]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing student.onnx" in err and len(err.splitlines()) == 1
@@ -275,7 +285,7 @@ def test_predict_writes_detections_and_pngs(trained, tmp_path, capsys):
     images_dir = Path(trained["data"]) / "images"
     files = sorted(p for p in images_dir.rglob("*") if p.is_file())[:2]
     assert files
-    predict = _launch("predict")
+    predict = _command("predict")
     out = tmp_path / "pred"
     assert predict.main(["--model", str(trained["export"]), "--images", *map(str, files), "--out", str(out),
                          "--score-thresh", "0.0"]) == 0
@@ -305,14 +315,14 @@ def test_export_cli_from_experiment(trained, tmp_path, capsys):
             {"trial_id": "t4", "status": "stopped_early", "best_map": 0.10, "best_ap50": 0.2, "best_checkpoint": checkpoint, "adv_weight": 0.01},
         ]
     ).to_parquet(experiment / "trials.parquet", index=False)
-    export = _launch("export")
+    export = _command("export")
     out = tmp_path / "out"
     assert export.main(["--experiment", str(experiment), "--out", str(out)]) == 0
     card = json.loads((out / "card.json").read_text())
     assert card["trial_id"] == "t1" and card["val_map"] == 0.30 and card["hyperparameters"] == {"adv_weight": 0.1}
     assert card["classes"] == trained["classes"]
     assert load_torch(out / "student.pt")["format"] == "gankd-ray-model"
-    from gankd_ray.tune.inference import read_trials, select_trial
+    from gankd_ray.export import read_trials, select_trial
 
     assert select_trial(read_trials(str(experiment)), "t4")["best_map"] == 0.10  # --trial picks any row
     capsys.readouterr()

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gankd_ray.config import DataConfig
 from gankd_ray.data.reader import count_rows, read_split
 from gankd_ray.data.transforms import DetectionTransform
 
@@ -111,35 +110,6 @@ class DetectionBatchLoader:
             total_rows=count_rows(uri, split),
             world_size=world_size,
             **kwargs,
-        )
-
-    @classmethod
-    def from_config(
-        cls,
-        data: DataConfig,
-        image_size: int,
-        batch_size: int,
-        *,
-        train: bool,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        pin_memory: bool = False,
-    ) -> DetectionBatchLoader:
-        """The train (``train=True``) or val loader that ``DataConfig`` describes."""
-        return cls.from_dataset(
-            data.path,
-            data.train_split if train else data.val_split,
-            image_size,
-            batch_size,
-            train=train,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            hflip=data.hflip,
-            jitter=data.jitter,
-            num_workers=data.loader_workers,
-            pin_memory=pin_memory,
         )
 
     def set_epoch(self, epoch: int) -> None:

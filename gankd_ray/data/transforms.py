@@ -2,8 +2,9 @@
 
 Two coordinate frames: the *original* image (``orig_size = (h, w)``, what the prepared dataset and
 COCOeval use) and *S-space*, the square ``S x S`` model input. An image is resized to ``S x S``
-without keeping its aspect (as SSD does), so ``x_S = x * S / w`` and ``y_S = y * S / h``;
-``boxes_to_original`` is the inverse. Flip and jitter happen in S-space.
+without keeping its aspect (as SSD does), so ``x_S = x * S / w`` and ``y_S = y * S / h``; torchvision's
+``resize_boxes(boxes, original_size, new_size)`` maps both ways (``SSDDetector.decode`` maps detections
+back with it). Flip and jitter happen in S-space.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.models.detection.transform import resize_boxes
 
 # ITU-R 601 luma weights, as PIL's "L" conversion uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -22,36 +24,6 @@ def decode_rgb(data: bytes) -> Image.Image:
     """The encoded image file ``data`` as an RGB PIL image (grey, palette and alpha converted)."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
-
-
-def resize_boxes(boxes: torch.Tensor, orig_size: tuple[int, int], image_size: int) -> torch.Tensor:
-    """Original-image boxes to S-space.
-
-    Args:
-        boxes: FloatTensor[N, 4] xyxy in pixels of an image of ``orig_size = (h, w)``.
-        image_size: S.
-
-    Returns:
-        FloatTensor[N, 4] xyxy in ``S x S`` pixels.
-    """
-    height, width = orig_size
-    scale = boxes.new_tensor([image_size / width, image_size / height, image_size / width, image_size / height])
-    return boxes * scale
-
-
-def boxes_to_original(boxes: torch.Tensor, image_size: int, orig_size: tuple[int, int]) -> torch.Tensor:
-    """S-space boxes (e.g. detections) back to the original image's pixels: the inverse of ``resize_boxes``.
-
-    Args:
-        boxes: FloatTensor[N, 4] xyxy in ``S x S`` pixels.
-        orig_size: ``(h, w)`` of the original image.
-
-    Returns:
-        FloatTensor[N, 4] xyxy in original pixels.
-    """
-    height, width = orig_size
-    scale = boxes.new_tensor([width / image_size, height / image_size, width / image_size, height / image_size])
-    return boxes * scale
 
 
 def hflip_boxes(boxes: torch.Tensor, width: int | float) -> torch.Tensor:
@@ -127,7 +99,8 @@ class DetectionTransform:
         picture = resize_square(picture, size)
         # Pixels stay in numpy until the end: torch's intra-op threads only cost time on images this small.
         image = np.asarray(picture, dtype=np.float32) / np.float32(255.0)
-        boxes_s = resize_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), orig_size, size)
+        boxes_s = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        boxes_s = resize_boxes(boxes_s, list(orig_size), [size, size])
         if rng is not None and self.hflip and rng.random() < 0.5:
             image = image[:, ::-1]
             boxes_s = hflip_boxes(boxes_s, size)

@@ -238,9 +238,8 @@ class TrainStep:
         """:func:`export_student` of this step's student side (the trained detector of any role)."""
         return export_student(self.student)
 
-    @torch.no_grad()
     def predict(self, images: Tensor, orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Detections of the live detector in eval mode (its train/eval mode is restored after).
+        """Detections of the live detector: ``SSDDetector.predict_resized`` under this step's autocast.
 
         Args:
             images: ``Tensor[B, 3, S, S]`` in [0, 1] (the eval loader's output).
@@ -250,17 +249,8 @@ class TrainStep:
             Per image ``{"boxes": FloatTensor[N, 4] xyxy original pixels, "labels": Int64Tensor[N],
             "scores": Tensor[N]}`` on the step's device.
         """
-        detector = self.student.detector
-        was_training = detector.training
-        detector.eval()
-        try:
-            with self.autocast():
-                features = detector.extract(detector.normalize(images.to(self.device, non_blocking=True)))
-            # Head and box decoding in float32: bf16 cannot hold pixel coordinates of a 512 px input.
-            features = {level: feature.float() for level, feature in features.items()}
-            return detector.detect(features, images.shape[-2:], orig_sizes)
-        finally:
-            detector.train(was_training)
+        images = images.to(self.device, non_blocking=True)
+        return self.student.detector.predict_resized(images, orig_sizes, autocast=self.autocast())
 
     def state_dict(self) -> dict[str, Any]:
         """Everything resume needs besides the teacher: weights (student, adapters, critics),

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
 
 from gankd_ray.data.reader import read_dataset_json
 
@@ -67,15 +68,16 @@ def coco_results(outputs: Sequence[dict[str, Any]], metas: Sequence[dict[str, An
         raise ValueError(f"{len(outputs)} outputs for {len(metas)} images")
     results = []
     for output, meta in zip(outputs, metas):
-        boxes = _numpy(output["boxes"]).reshape(-1, 4).astype(np.float64)
+        # float64 before converting: the width is the difference of the float32 corners, unrounded.
+        boxes = torch.from_numpy(_numpy(output["boxes"]).reshape(-1, 4).astype(np.float64))
         labels = _numpy(output["labels"]).reshape(-1)
         scores = _numpy(output["scores"]).reshape(-1)
-        for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+        for bbox, label, score in zip(box_convert(boxes, "xyxy", "xywh").tolist(), labels.tolist(), scores.tolist()):
             results.append(
                 {
                     "image_id": int(meta["image_id"]),
                     "category_id": int(label),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "bbox": bbox,
                     "score": float(score),
                 }
             )

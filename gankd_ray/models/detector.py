@@ -28,6 +28,7 @@ grids (3x3 and 2x2 at S = 160) would otherwise put centres outside the image.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Optional
@@ -223,6 +224,39 @@ class SSDDetector(SSD):
         levels = list(features.values())
         size = _pair(image_size)
         return self.decode(self._run_head(levels, head), self.anchors(levels, size), size, orig_sizes)
+
+    def predict_resized(
+        self,
+        images: Tensor,
+        orig_sizes: Sequence[tuple[int, int]],
+        autocast: Optional[contextlib.AbstractContextManager] = None,
+    ) -> list[dict[str, Tensor]]:
+        """Detections on images already resized to ``S x S``: the one prediction path of training's validation
+        (``TrainStep.predict``) and of an export's evaluation, so both give the same figure.
+
+        ``normalize -> extract`` (under ``autocast`` when given) in eval mode, then head and decoding in
+        float32 (:meth:`detect`); no gradients; the train/eval mode is restored after.
+
+        Args:
+            images: ``Tensor[B, 3, S, S]`` in [0, 1] on this detector's device (the eval loader's output).
+            orig_sizes: ``(h, w)`` of each original image.
+            autocast: e.g. the training step's bf16 autocast; ``None`` runs in the weights' dtype.
+
+        Returns:
+            Per image ``{"boxes": FloatTensor[N, 4] xyxy original pixels, "labels": Int64Tensor[N],
+            "scores": Tensor[N]}``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    features = self.extract(self.normalize(images))
+                # Head and box decoding in float32: bf16 cannot hold pixel coordinates of a 512 px input.
+                features = OrderedDict((level, feature.float()) for level, feature in features.items())
+                return self.detect(features, images.shape[-2:], orig_sizes)
+        finally:
+            self.train(was_training)
 
     def decode(
         self,

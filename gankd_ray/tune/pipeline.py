@@ -207,8 +207,7 @@ def run_tuner(plan: SearchPlan):
 
 def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: RunSummary) -> dict[str, Any]:
     """Tables, export of the best trial, report and the final table."""
-    from gankd_ray.data import read_dataset_info
-    from gankd_ray.tune.export import export_model
+    from gankd_ray.export import export_search_trial
     from gankd_ray.tune.report import write_report
 
     job = plan.job
@@ -217,11 +216,9 @@ def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: 
     best = res.best_trial(trials)
     best_id = None if best is None else str(best["trial_id"])
     if best is not None and best.get("best_checkpoint"):
-        card = {"trial_id": best_id, "hyperparameters": {k: plain_value(best.get(k)) for k in job.space.keys},
-                "val_map": plain_value(best["best_map"]), "val_ap50": plain_value(best["best_ap50"]), "teacher": job.teacher,
-                "baseline_val_map": baseline.best_map, "teacher_val_map": teacher.best_map if teacher else None,
-                "classes": read_dataset_info(job.base.data.path)["classes"]}
-        export_model(storage.join(best["best_checkpoint"], "model.pt"), storage.join(job.experiment_dir, "best"), card)
+        references = {"teacher": job.teacher, "baseline_val_map": baseline.best_map,
+                      "teacher_val_map": teacher.best_map if teacher else None}
+        export_search_trial(best, job.space.keys, job.experiment_dir, storage.join(job.experiment_dir, "best"), references)
     table = summary_table(best, job.space.keys, teacher, baseline)
     write_report(storage.join(job.experiment_dir, "report"), trials, epochs, job.space, table, best_id)
     return {"trials": trials, "best": best, "table": table}

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from gankd_ray.data.records import SPLITS, DatasetError
+from gankd_ray.data.records import DatasetError
 
 T = TypeVar("T")
 
@@ -55,7 +55,3 @@ def files_digest(paths: Sequence[Path], root: Path) -> str:
         total.update(f"{path.absolute().relative_to(root).as_posix()}\n".encode())
         total.update(hashlib.sha256(path.read_bytes()).digest())
     return total.hexdigest()
-
-
-def empty_splits() -> dict[str, list]:
-    return {split: [] for split in SPLITS}

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from gankd_ray.errors import InputError
 from gankd_ray.models.detector import SSDDetector
 
 ONNX_FILE = "student.onnx"
@@ -45,8 +46,11 @@ OUTPUT_NAMES = ("cls_logits", "bbox_regression", "anchors")
 OPSET = 20  # torch 2.14 dynamo exporter's default (no version conversion); ONNX Runtime >= 1.17 runs it
 
 
-class OnnxUnavailable(RuntimeError):
-    """``onnx`` / ``onnxscript`` / ``onnxruntime`` (the ``export`` extra) is not installed."""
+class OnnxUnavailable(InputError):
+    """``onnx`` / ``onnxscript`` / ``onnxruntime`` (the ``export`` extra) is not installed.
+
+    A user error (exit 2): ``--onnx`` asks for what this environment lacks, and the message says what to
+    install. ``export_model`` checks :func:`onnx_export_available` first and exports without the graph."""
 
 
 def onnx_export_available() -> bool:
@@ -121,7 +125,7 @@ class OnnxDetector:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise OnnxUnavailable("--onnx needs onnxruntime: pip install 'gankd-ray[export]'") from None
+            raise OnnxUnavailable("needs onnxruntime: pip install 'gankd-ray[export]'", flag="--onnx") from None
         options = ort.SessionOptions()
         # torch's thread budget (OMP_NUM_THREADS / set_num_threads), not one thread per core.
         options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -135,8 +139,9 @@ class OnnxDetector:
         head = {"cls_logits": torch.from_numpy(logits), "bbox_regression": torch.from_numpy(regression)}
         return head, torch.from_numpy(anchors)
 
-    def detect(self, images: Tensor, orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Detections in original coordinates, as ``predict_resized`` gives them for the eager detector."""
+    def predict_resized(self, images: Tensor, orig_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """``SSDDetector.predict_resized`` with the network in onnxruntime: ``images [B,3,S,S]`` in [0,1] ->
+        detections in original coordinates."""
         head, anchors = self.network(images)
         return self.detector.decode(head, anchors, images.shape[-2:], orig_sizes)
 

@@ -1,0 +1,99 @@
+"""COCO mAP / AP50 of an export on a split of a prepared dataset.
+
+``student.pt`` goes through exactly the path of the training loop's validation: images resized to ``S x S``
+by the eval ``DetectionBatchLoader``, then ``SSDDetector.predict_resized`` (the function ``TrainStep.predict``
+calls) in float32, so the val figure equals the search's ``best_map`` by construction. ``student.onnx`` (on
+request: onnxruntime parses it with native code; trusted files only) runs on the same resized batches, its
+network in onnxruntime and the post-processing the detector's own (``SSDDetector.decode``, settings from
+``student.pt``), so its figure matches ``student.pt``'s to float rounding. ``student.ts`` (only on request:
+TorchScript is code, so a crafted file can touch the disk; trusted files only) is evaluated as a user would
+run it: the decoded original images in, TorchScript's own resize inside (tensor bilinear instead of PIL's),
+so its numbers are close to, not identical with, the ``student.pt`` ones.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from gankd_ray.export.model import InferenceError, LoadedExport, load_export
+from gankd_ray.export.predict import run_scripted, to_tensor
+from gankd_ray.utils import first_line
+
+
+def evaluate_export(
+    model_dir: str | Path,
+    data: str,
+    split: str = "test",
+    *,
+    torchscript: bool = False,
+    onnx: bool = False,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """:func:`evaluate_loaded` with the export loaded from ``model_dir`` (``load_export``'s choice of model)."""
+    export = load_export(model_dir, torchscript=torchscript, device=device, onnx=onnx)
+    return evaluate_loaded(export, data, split, batch_size=batch_size, num_workers=num_workers, device=device)
+
+
+def evaluate_loaded(export: LoadedExport, data: str, split: str = "test", *, batch_size: int = 16,
+                    num_workers: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """COCO metrics (``STAT_NAMES``, ``num_images``, ``num_detections``) of a ``LoadedExport`` on ``split`` of
+    ``data``, plus ``split``, ``model`` (the export's location) and ``file`` (which model file ran)."""
+    from gankd_ray.eval import evaluate_coco, load_coco
+
+    torchscript = export.config is None
+    try:
+        coco_gt = load_coco(data, split)
+        batches = _original_batches(data, split, batch_size) if torchscript else _resized_batches(
+            data, split, export.image_size, batch_size, num_workers)
+    except (OSError, ValueError, KeyError) as err:  # DatasetError is a ValueError
+        raise InferenceError(f"{data}: cannot read split {split!r} ({first_line(err)})") from None
+    run = _scripted_results if torchscript else _resized_results
+    device = "cpu" if export.file.endswith(".onnx") else device  # onnxruntime's CPU provider
+    metrics: dict[str, Any] = evaluate_coco(coco_gt, run(export.model, batches, device))
+    metrics.update({"split": split, "model": str(export.location), "file": export.file})
+    return metrics
+
+
+def _resized_batches(data: str, split: str, image_size: int, batch_size: int, num_workers: int):
+    """The training loop's eval loader: ``(images [B,3,S,S], targets, metas)``, no augmentation."""
+    from gankd_ray.data.loader import DetectionBatchLoader
+
+    return DetectionBatchLoader.from_dataset(data, split, image_size, batch_size, train=False, hflip=False,
+                                             jitter=0.0, num_workers=num_workers)
+
+
+def _original_batches(data: str, split: str, batch_size: int) -> list[list[dict[str, Any]]]:
+    """The split's rows in chunks of ``batch_size`` (images still encoded)."""
+    from gankd_ray.data import read_split
+
+    rows = read_split(data, split)
+    return [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+
+
+def _resized_results(model, loader, device: str) -> list[dict[str, Any]]:
+    from gankd_ray.eval import coco_results
+
+    results: list[dict[str, Any]] = []
+    for images, _, metas in loader:
+        results.extend(coco_results(model.predict_resized(images.to(device), [m["orig_size"] for m in metas]), metas))
+    return results
+
+
+def _scripted_results(model, chunks, device: str) -> list[dict[str, Any]]:
+    from gankd_ray.data.transforms import decode_rgb
+    from gankd_ray.eval import coco_results
+
+    results: list[dict[str, Any]] = []
+    for chunk in chunks:
+        outputs = run_scripted(model, [to_tensor(decode_rgb(row["image"])).to(device) for row in chunk])
+        results.extend(coco_results(outputs, [{"image_id": int(row["image_id"])} for row in chunk]))
+    return results
+
+
+def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN -> None so the line is valid JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
