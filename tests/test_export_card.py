@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from gankd_ray.records import EpochRecord
+
 from gankd_ray.export.card import REFERENCE_KEYS, model_card, trial_card
 from gankd_ray.export.trial import hyperparameter_columns
 from gankd_ray.tune import results as res
@@ -13,8 +15,9 @@ SPACE_KEYS = ["adv_weight", "levels"]
 
 def _trials() -> pd.DataFrame:
     """A trials.parquet table as the search writes it (``results.trial_row``), two trials."""
-    records = [{"epoch": 1, "map": 0.2, "ap50": 0.4, "checkpoint": "/c/1", "status": "running"},
-               {"epoch": 2, "map": 0.3, "ap50": 0.5, "checkpoint": "/c/2", "status": "completed"}]
+    records = [EpochRecord.from_dict(flat) for flat in (
+        {"epoch": 1, "epochs": 2, "map": 0.2, "ap50": 0.4, "checkpoint": "/c/1", "status": "running"},
+        {"epoch": 2, "epochs": 2, "map": 0.3, "ap50": 0.5, "checkpoint": "/c/2", "status": "completed"})]
     rows = [res.trial_row("t1", {"adv_weight": 0.1, "levels": "all"}, records, None, 2, SPACE_KEYS),
             res.trial_row("t2", {"adv_weight": 1.0, "levels": "level0"}, records[:1], None, 2, SPACE_KEYS)]
     return pd.DataFrame(rows)
