@@ -125,15 +125,24 @@ def build_data(cfg: RunConfig, args: argparse.Namespace) -> EpochData:
     if args.train_limit:
         rows = rows[: args.train_limit]
     train = DetectionBatchLoader(
-        rows, size, batch, train=True, seed=cfg.seed, hflip=data.hflip, jitter=data.jitter,
+        rows,
+        size,
+        batch,
+        train=True,
+        seed=cfg.seed,
+        hflip=data.hflip,
+        jitter=data.jitter,
         num_workers=args.loader_workers,
     )
     if args.eval_on == "train":
         ids = {int(row["image_id"]) for row in rows}
         scored = DetectionBatchLoader(rows, size, batch, train=False, num_workers=0)
         full = load_coco(data.path, data.train_split).dataset
-        subset = {**full, "images": [i for i in full["images"] if i["id"] in ids],
-                  "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}
+        subset = {
+            **full,
+            "images": [i for i in full["images"] if i["id"] in ids],
+            "annotations": [a for a in full["annotations"] if a["image_id"] in ids],
+        }
         return EpochData(train, scored, coco_from_dict(subset))
     scored = DetectionBatchLoader.from_dataset(
         data.path, data.val_split, size, batch, train=False, seed=cfg.seed, num_workers=args.loader_workers
@@ -162,12 +171,21 @@ class EpochRows:
             print(f"[calibrate] diverged in epoch {record.epoch}", flush=True)
             return
         terms = record.terms
-        row = {"epoch": record.epoch, "epoch_s": round(record.throughput.train_s, 2),
-               "train_s": round(self.train_s, 2), "cpu_s": round(self.cpu_s, 1), "loss": terms["loss/total"],
-               "cls": terms["det/classification"], "box": terms["det/bbox_regression"], "lr": terms["lr"]}
+        row = {
+            "epoch": record.epoch,
+            "epoch_s": round(record.throughput.train_s, 2),
+            "train_s": round(self.train_s, 2),
+            "cpu_s": round(self.cpu_s, 1),
+            "loss": terms["loss/total"],
+            "cls": terms["det/classification"],
+            "box": terms["det/bbox_regression"],
+            "lr": terms["lr"],
+        }
         if record.map is not None:
-            row.update({key: record.quality[key] for key in ("map", "ap50", "ap_small", "ap_medium")},
-                       eval_s=round(record.throughput.eval_s, 2))
+            row.update(
+                {key: record.quality[key] for key in ("map", "ap50", "ap_small", "ap_medium")},
+                eval_s=round(record.throughput.eval_s, 2),
+            )
         self.rows.append(row)
         print(_epoch_line(row), flush=True)
 
@@ -175,8 +193,13 @@ class EpochRows:
 def train(cfg: RunConfig, args: argparse.Namespace, teacher_file: str | None) -> dict[str, Any]:
     """The engine (``gankd_ray.train.engine.fit``) in this process, scoring every ``--eval-every`` epoch."""
     rows = EpochRows()
-    job = TrainJob(config=cfg, storage=str(args.cache), name=args.label, teacher=teacher_file,
-                   resources=Resources(cpus_per_worker=args.threads))
+    job = TrainJob(
+        config=cfg,
+        storage=str(args.cache),
+        name=args.label,
+        teacher=teacher_file,
+        resources=Resources(cpus_per_worker=args.threads),
+    )
     with tempfile.TemporaryDirectory() as checkpoint_dir:
         runtime = LocalRuntime(checkpoint_dir if args.save else None, on_report=rows.add)
         records = fit(job, runtime, data=build_data(cfg, args), eval_every=args.eval_every)
@@ -185,16 +208,26 @@ def train(cfg: RunConfig, args: argparse.Namespace, teacher_file: str | None) ->
             shutil.copyfile(Path(checkpoint_dir, MODEL_FILE), args.save)
     scored = [row for row in rows.rows if "map" in row]
     status = records[-1].status.value if records else Status.ERROR.value
-    return {"status": status, "train_s": round(rows.train_s, 2), "cpu_s": round(rows.cpu_s, 1), "epochs": rows.rows,
-            "final": scored[-1] if scored else {}, "best_ap50": max((r["ap50"] for r in scored), default=0.0)}
+    return {
+        "status": status,
+        "train_s": round(rows.train_s, 2),
+        "cpu_s": round(rows.cpu_s, 1),
+        "epochs": rows.rows,
+        "final": scored[-1] if scored else {},
+        "best_ap50": max((r["ap50"] for r in scored), default=0.0),
+    }
 
 
 def _epoch_line(row: dict[str, Any]) -> str:
-    line = (f"epoch {row['epoch']:3d}  loss {row['loss']:.3f} (cls {row['cls']:.3f} box {row['box']:.3f})  "
-            f"lr {row['lr']:.2e}  {row['epoch_s']:.1f}s (total {row['train_s']:.1f}s, cpu {row['cpu_s']:.0f}s)")
+    line = (
+        f"epoch {row['epoch']:3d}  loss {row['loss']:.3f} (cls {row['cls']:.3f} box {row['box']:.3f})  "
+        f"lr {row['lr']:.2e}  {row['epoch_s']:.1f}s (total {row['train_s']:.1f}s, cpu {row['cpu_s']:.0f}s)"
+    )
     if "map" in row:
-        line += (f"  mAP {row['map']:.3f}  AP50 {row['ap50']:.3f} (small {row['ap_small']:.3f} "
-                 f"medium {row['ap_medium']:.3f})  eval {row['eval_s']:.1f}s")
+        line += (
+            f"  mAP {row['map']:.3f}  AP50 {row['ap50']:.3f} (small {row['ap_small']:.3f} "
+            f"medium {row['ap_medium']:.3f})  eval {row['eval_s']:.1f}s"
+        )
     return line
 
 
@@ -221,14 +254,26 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(first_line(err), flag="--synthetic") from None
     print(f"[calibrate] {args.label}: {' '.join(args.set)} on {data}", flush=True)
     result = train(cfg, args, args.teacher)
-    entry = {"date": dt.datetime.now().isoformat(timespec="seconds"), "data": data,
-             "synthetic": args.synthetic, "synthetic_spec": dataclasses.asdict(spec) if spec else None,
-             "overrides": args.set, "teacher": args.teacher, "threads": args.threads,
-             "train_limit": args.train_limit, "eval_on": args.eval_on, "config": cfg.to_dict(), **result}
+    entry = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "data": data,
+        "synthetic": args.synthetic,
+        "synthetic_spec": dataclasses.asdict(spec) if spec else None,
+        "overrides": args.set,
+        "teacher": args.teacher,
+        "threads": args.threads,
+        "train_limit": args.train_limit,
+        "eval_on": args.eval_on,
+        "config": cfg.to_dict(),
+        **result,
+    }
     save_result(args.out, args.label, entry)
     final = result["final"]
-    print(f"[calibrate] {args.label}: train {result['train_s']:.0f}s  "
-          f"mAP {final.get('map', float('nan')):.3f}  AP50 {final.get('ap50', float('nan')):.3f}", flush=True)
+    print(
+        f"[calibrate] {args.label}: train {result['train_s']:.0f}s  "
+        f"mAP {final.get('map', float('nan')):.3f}  AP50 {final.get('ap50', float('nan')):.3f}",
+        flush=True,
+    )
     return EXIT_OK
 
 

@@ -40,15 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from step_cost import NUM_CLASSES, measure, random_batch
 
 from gankd_ray.cli import run
 from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig
 from gankd_ray.distill import Diverged, TrainStep, build_step
+from gankd_ray.errors import InputError
 from gankd_ray.models import build_detector
 from gankd_ray.train.spec import Resources
-from gankd_ray.errors import InputError
 from gankd_ray.tune.pipeline import TEACHER_BACKBONE
 from gankd_ray.utils import atomic_write_json, first_line, machine_description
 
@@ -80,13 +79,35 @@ class Preset:
     loader_workers: int
 
 
-FULL = Preset(teacher=TEACHER_BACKBONE, student=DetectorConfig().backbone, sizes=(320, 512), batch=32, warmup=5,
-              repeats=20, run_size=320, train_images=512, val_images=128, ddp_epochs=3, search_epochs=3,
-              loader_workers=4)
+FULL = Preset(
+    teacher=TEACHER_BACKBONE,
+    student=DetectorConfig().backbone,
+    sizes=(320, 512),
+    batch=32,
+    warmup=5,
+    repeats=20,
+    run_size=320,
+    train_images=512,
+    val_images=128,
+    ddp_epochs=3,
+    search_epochs=3,
+    loader_workers=4,
+)
 # The tests' tiny pair; loader_workers=0 decodes in the worker itself (no loader processes on 2 cores).
-QUICK = Preset(teacher="mobilenet_v2_0.5", student="mobilenet_v2_0.35", sizes=(160,), batch=2, warmup=1,
-               repeats=3, run_size=160, train_images=16, val_images=8, ddp_epochs=1, search_epochs=1,
-               loader_workers=0)
+QUICK = Preset(
+    teacher="mobilenet_v2_0.5",
+    student="mobilenet_v2_0.35",
+    sizes=(160,),
+    batch=2,
+    warmup=1,
+    repeats=3,
+    run_size=160,
+    train_images=16,
+    val_images=8,
+    ddp_epochs=1,
+    search_epochs=1,
+    loader_workers=0,
+)
 
 
 def image_sizes(text: str) -> tuple[int, ...]:
@@ -105,8 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=image_sizes, help="throughput image sizes (default 320,512; --quick 160)")
     parser.add_argument("--quick", action="store_true", help="tiny models, sizes and data, 1 epoch (CPU smoke run)")
     parser.add_argument("--skip-search", action="store_true", help="leave out the 2-trial search")
-    parser.add_argument("--out", type=Path, help=f"default {GPU_RESULTS.relative_to(ROOT)} on a GPU, "
-                                                 f"{CPU_RESULTS.relative_to(ROOT)} on a CPU")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"default {GPU_RESULTS.relative_to(ROOT)} on a GPU, {CPU_RESULTS.relative_to(ROOT)} on a CPU",
+    )
     args = parser.parse_args(argv)
     args.out = args.out or (GPU_RESULTS if args.device == "cuda" else CPU_RESULTS)
     return args
@@ -116,8 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # 1. per-process throughput
 
 
-CPU_BF16_SKIPPED = ("optim.bf16 is CUDA-only in the product, and CPU bf16 autocast of the GAN-KD step gave non-finite, "
-                    "non-reproducible critic gradients (see the module docstring)")
+CPU_BF16_SKIPPED = (
+    "optim.bf16 is CUDA-only in the product, and CPU bf16 autocast of the GAN-KD step gave non-finite, "
+    "non-reproducible critic gradients (see the module docstring)"
+)
 
 
 def bf16_unavailable(device: torch.device) -> str | None:
@@ -141,8 +167,10 @@ def build_steps(preset: Preset, size: int, bf16: bool, device: torch.device) -> 
     cfg = throughput_config(preset, size, bf16)
     torch.manual_seed(cfg.seed)
     student_cfg = RunConfig.from_dict({**cfg.to_dict(), "role": "student"})
-    return {"gankd": build_step(cfg, build_detector(cfg.teacher), device),
-            "student": build_step(student_cfg, device=device)}
+    return {
+        "gankd": build_step(cfg, build_detector(cfg.teacher), device),
+        "student": build_step(student_cfg, device=device),
+    }
 
 
 def part_runners(steps: dict[str, TrainStep], images: torch.Tensor, targets: list[dict]) -> dict[str, Any]:
@@ -161,6 +189,7 @@ def part_runners(steps: dict[str, TrainStep], images: torch.Tensor, targets: lis
 
 def guarded(run: Callable[[], Any], key: tuple[str, str], diverged: dict[tuple[str, str], str]) -> Callable[[], None]:
     """``run`` until its step diverges once; after that a no-op, and ``diverged[key]`` says why."""
+
     def call() -> None:
         if key in diverged:
             return
@@ -177,8 +206,8 @@ def throughput_at(preset: Preset, size: int, amps: list[str], device: torch.devi
     images, targets = random_batch(preset.batch, size, device)
     runners, diverged = {}, {}
     for amp in amps:
-        for part, run in part_runners(build_steps(preset, size, amp == "bf16", device), images, targets).items():
-            runners[(part, amp)] = guarded(run, (part, amp), diverged)
+        for part, runner in part_runners(build_steps(preset, size, amp == "bf16", device), images, targets).items():
+            runners[(part, amp)] = guarded(runner, (part, amp), diverged)
     samples = measure(runners, device, preset.warmup, preset.repeats, budget=0.0)
     rows = []
     for (part, amp), seconds in samples.items():
@@ -213,8 +242,9 @@ def prepare_synthetic(preset: Preset, out: Path) -> str:
     from gankd_ray.data.sources.synthetic import SyntheticSpec, synthetic_source_data
     from gankd_ray.data.writer import write_dataset
 
-    spec = SyntheticSpec(image_size=preset.run_size, num_train=preset.train_images, num_val=preset.val_images,
-                         num_test=preset.val_images)
+    spec = SyntheticSpec(
+        image_size=preset.run_size, num_train=preset.train_images, num_val=preset.val_images, num_test=preset.val_images
+    )
     write_dataset(out, synthetic_source_data(spec), Rejections(), log=lambda _: None)
     return str(out)
 
@@ -224,17 +254,25 @@ def write_untrained_teacher(preset: Preset, data: str, out: Path) -> str:
     from gankd_ray.data import read_dataset_info
     from gankd_ray.train.checkpoint import model_payload, save_torch
 
-    cfg = RunConfig(role="teacher", detector=DetectorConfig(
-        backbone=preset.teacher, num_classes=len(read_dataset_info(data)["classes"]), image_size=preset.run_size))
+    cfg = RunConfig(
+        role="teacher",
+        detector=DetectorConfig(
+            backbone=preset.teacher, num_classes=len(read_dataset_info(data)["classes"]), image_size=preset.run_size
+        ),
+    )
     torch.manual_seed(cfg.seed)
     return save_torch(model_payload(build_detector(cfg.detector), cfg), out)
 
 
 def run_settings(preset: Preset, device: torch.device) -> dict[str, Any]:
     """Config overrides shared by the DDP run and the search trials."""
-    return {"detector.backbone": preset.student, "detector.image_size": preset.run_size,
-            "optim.batch_size": preset.batch, "data.loader_workers": preset.loader_workers,
-            "optim.bf16": device.type == "cuda"}
+    return {
+        "detector.backbone": preset.student,
+        "detector.image_size": preset.run_size,
+        "optim.batch_size": preset.batch,
+        "data.loader_workers": preset.loader_workers,
+        "optim.bf16": device.type == "cuda",
+    }
 
 
 def resources_for(device: torch.device) -> Resources:
@@ -258,8 +296,9 @@ def ddp_run(preset: Preset, data: str, teacher: str, storage: Path, device: torc
     from gankd_ray.train.run import TrainJob, resolve_job, run_training
 
     resources = resources_for(device)
-    cfg = RunConfig().with_overrides({**run_settings(preset, device), "role": "gankd", "data.path": data,
-                                      "optim.epochs": preset.ddp_epochs})
+    cfg = RunConfig().with_overrides(
+        {**run_settings(preset, device), "role": "gankd", "data.path": data, "optim.epochs": preset.ddp_epochs}
+    )
     job = resolve_job(TrainJob(config=cfg, storage=str(storage), name="ddp", teacher=teacher, resources=resources))
     init_ray()
     try:
@@ -297,13 +336,33 @@ def search_run(preset: Preset, data: str, teacher: str, storage: Path, device: t
     import pandas as pd
 
     resources = resources_for(device)
-    overrides = [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-                 for key, value in run_settings(preset, device).items()]
-    command = [sys.executable, str(ROOT / "launch" / "search.py"), "--data", data, "--teacher", teacher,
-               "--storage", str(storage), "--name", "search", "--num-samples", str(SEARCH_TRIALS),
-               "--max-epochs", str(preset.search_epochs), "--workers-per-trial", "1",
-               "--cpus-per-worker", str(resources.cpus_per_worker), "--gpus-per-worker", str(resources.gpus_per_worker),
-               *overrides]
+    overrides = [
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in run_settings(preset, device).items()
+    ]
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "search.py"),
+        "--data",
+        data,
+        "--teacher",
+        teacher,
+        "--storage",
+        str(storage),
+        "--name",
+        "search",
+        "--num-samples",
+        str(SEARCH_TRIALS),
+        "--max-epochs",
+        str(preset.search_epochs),
+        "--workers-per-trial",
+        "1",
+        "--cpus-per-worker",
+        str(resources.cpus_per_worker),
+        "--gpus-per-worker",
+        str(resources.gpus_per_worker),
+        *overrides,
+    ]
     print("[bench] launch/search.py " + " ".join(command[2:]), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -317,8 +376,16 @@ def search_run(preset: Preset, data: str, teacher: str, storage: Path, device: t
         "wall_s": wall_s,  # the whole command: Ray start, baseline, trials, tables, report, export
         "best_val_map": float(trials["best_map"].max()),
         "best_val_ap50": float(trials["best_ap50"].max()),
-        "trials": [{"trial_id": row.trial_id, "status": row.status, "epochs": int(row.epochs),
-                    "best_map": float(row.best_map), "wall_s": float(row.wall_s)} for row in trials.itertuples()],
+        "trials": [
+            {
+                "trial_id": row.trial_id,
+                "status": row.status,
+                "epochs": int(row.epochs),
+                "best_map": float(row.best_map),
+                "wall_s": float(row.wall_s),
+            }
+            for row in trials.itertuples()
+        ],
     }
 
 
@@ -328,23 +395,33 @@ def search_run(preset: Preset, data: str, teacher: str, storage: Path, device: t
 
 def print_report(result: dict[str, Any]) -> None:
     rows = result["throughput"]
-    print(f"\nimages/s on {result['device']} ({result['machine'].get('gpu', result['machine']['processor'])}), "
-          f"batch {rows[0]['batch_size']}:")
+    print(
+        f"\nimages/s on {result['device']} ({result['machine'].get('gpu', result['machine']['processor'])}), "
+        f"batch {rows[0]['batch_size']}:"
+    )
     print(f"{'size':>5} {'amp':>5} " + " ".join(f"{part:>16}" for part in PARTS))
     for size, amp in dict.fromkeys((row["size"], row["amp"]) for row in rows):
-        cells = {row["part"]: f"{row['images_per_s']:.1f}" if "images_per_s" in row else "diverged"
-                 for row in rows if row["size"] == size and row["amp"] == amp}
+        cells = {
+            row["part"]: f"{row['images_per_s']:.1f}" if "images_per_s" in row else "diverged"
+            for row in rows
+            if row["size"] == size and row["amp"] == amp
+        }
         print(f"{size:>5} {amp:>5} " + " ".join(f"{cells[part]:>16}" for part in PARTS))
     if result["bf16_skipped"]:
         print(f"bf16 skipped: {result['bf16_skipped']}")
     ddp = result["ddp"]
-    print(f"DDP ({ddp['backend']}, world size {ddp['world_size']}, {ddp['image_size']} px): "
-          f"{ddp['images_per_s']:.1f} images/s in its last epoch (per epoch: "
-          + ", ".join(f"{value:.1f}" for value in ddp["images_per_s_per_epoch"]) + ")")
+    print(
+        f"DDP ({ddp['backend']}, world size {ddp['world_size']}, {ddp['image_size']} px): "
+        f"{ddp['images_per_s']:.1f} images/s in its last epoch (per epoch: "
+        + ", ".join(f"{value:.1f}" for value in ddp["images_per_s_per_epoch"])
+        + ")"
+    )
     search = result["search"]
     if search:
-        print(f"search: {search['num_trials']} trials x {search['max_epochs']} epochs in {search['wall_s']:.0f} s, "
-              f"best val mAP {search['best_val_map']:.4f}")
+        print(
+            f"search: {search['num_trials']} trials x {search['max_epochs']} epochs in {search['wall_s']:.0f} s, "
+            f"best val mAP {search['best_val_map']:.4f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,24 +41,43 @@ ROWS = ("teacher", "student_no_kd", "student_paper_recipe", "student_searched")
 # to learn on CPU. NEON in 200 px tiles (103 train) rather than the 400 px default (31): 31 images at batch 8
 # gave the teacher 16 optimiser steps in 4 epochs (val AP50 0.03); 103 tiles x 12 epochs reach ~0.4.
 DATASETS = {
-    "synthetic": {"prepare": ["synthetic", "--num-train", "256", "--num-val", "64", "--num-test", "64"], "set": [],
-                  "epochs": (4, 8)},
-    "neon-trees": {"prepare": ["neon-trees", "--tile", "200"], "folder": "neon-trees-tile200", "set": [],
-                   "epochs": (12, 16)},
+    "synthetic": {
+        "prepare": ["synthetic", "--num-train", "256", "--num-val", "64", "--num-test", "64"],
+        "set": [],
+        "epochs": (4, 8),
+    },
+    "neon-trees": {
+        "prepare": ["neon-trees", "--tile", "200"],
+        "folder": "neon-trees-tile200",
+        "set": [],
+        "epochs": (12, 16),
+    },
 }
 
 
 def prepare(name: str, data_root: Path) -> str:
     out = data_root / DATASETS[name].get("folder", name)
     if not (out / "dataset.json").exists():
-        command = [sys.executable, str(ROOT / "launch" / "prepare_data.py"), *DATASETS[name]["prepare"], "--out", str(out)]
+        command = [
+            sys.executable,
+            str(ROOT / "launch" / "prepare_data.py"),
+            *DATASETS[name]["prepare"],
+            "--out",
+            str(out),
+        ]
         subprocess.run(command, check=True, cwd=ROOT)
     return str(out)
 
 
 def base_config(data: str, args: argparse.Namespace, dataset: str) -> RunConfig:
-    cfg = RunConfig().with_overrides([f"detector.backbone={args.student}", f"optim.batch_size={args.batch_size}",
-                                      *DATASETS[dataset]["set"], *args.set])
+    cfg = RunConfig().with_overrides(
+        [
+            f"detector.backbone={args.student}",
+            f"optim.batch_size={args.batch_size}",
+            *DATASETS[dataset]["set"],
+            *args.set,
+        ]
+    )
     cfg.data.path = data
     return cfg
 
@@ -86,12 +105,32 @@ def test_metrics(model_file: str, data: str) -> dict[str, float]:
 def search_best(data: str, teacher: str, storage: Path, args: argparse.Namespace, dataset: str, address: str) -> dict:
     """The best trial's hyperparameters (product keys) from a search on val."""
     name = f"kd-search-{dataset}"
-    command = [sys.executable, str(ROOT / "launch" / "search.py"), "--address", address, "--data", data,
-               "--storage", str(storage), "--name", name, "--teacher", teacher, "--space", str(args.space),
-               "--num-samples", str(args.search_samples), "--max-epochs", str(args.student_epochs),
-               "--grace-period", str(default_grace_period(args.student_epochs)),
-               f"detector.backbone={args.student}", f"optim.batch_size={args.batch_size}",
-               *DATASETS[dataset]["set"], *args.set]
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "search.py"),
+        "--address",
+        address,
+        "--data",
+        data,
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--teacher",
+        teacher,
+        "--space",
+        str(args.space),
+        "--num-samples",
+        str(args.search_samples),
+        "--max-epochs",
+        str(args.student_epochs),
+        "--grace-period",
+        str(default_grace_period(args.student_epochs)),
+        f"detector.backbone={args.student}",
+        f"optim.batch_size={args.batch_size}",
+        *DATASETS[dataset]["set"],
+        *args.set,
+    ]
     subprocess.run(command, check=True, cwd=ROOT)
     card = json.loads((storage / name / "best" / "card.json").read_text())
     return {k: v for k, v in card["hyperparameters"].items() if v is not None}
@@ -115,27 +154,46 @@ def paper_params() -> dict[str, Any]:
 
 def summarize_row(values: list[dict[str, float]]) -> dict[str, Any]:
     maps, ap50s = [v["map"] for v in values], [v["ap50"] for v in values]
-    std = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
-    return {"map_mean": statistics.fmean(maps), "map_std": std(maps), "ap50_mean": statistics.fmean(ap50s),
-            "ap50_std": std(ap50s), "seeds": len(values), "per_seed": values}
+    std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return {
+        "map_mean": statistics.fmean(maps),
+        "map_std": std(maps),
+        "ap50_mean": statistics.fmean(ap50s),
+        "ap50_std": std(ap50s),
+        "seeds": len(values),
+        "per_seed": values,
+    }
 
 
 def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[str, Any]:
     default_teacher_epochs, default_student_epochs = DATASETS[dataset]["epochs"]
-    args = argparse.Namespace(**{**vars(args), "teacher_epochs": args.teacher_epochs or default_teacher_epochs,
-                                 "student_epochs": args.student_epochs or default_student_epochs})
+    args = argparse.Namespace(
+        **{
+            **vars(args),
+            "teacher_epochs": args.teacher_epochs or default_teacher_epochs,
+            "student_epochs": args.student_epochs or default_student_epochs,
+        }
+    )
     data = prepare(dataset, args.data_root)
     storage = args.storage / dataset
     base = base_config(data, args, dataset)
     teacher_cfg = RunConfig.from_dict(base.to_dict()).with_overrides(
-        {"role": "teacher", "detector.backbone": "mobilenet_v2", "detector.weights": args.teacher_weights,
-         "optim.epochs": args.teacher_epochs})
+        {
+            "role": "teacher",
+            "detector.backbone": "mobilenet_v2",
+            "detector.weights": args.teacher_weights,
+            "optim.epochs": args.teacher_epochs,
+        }
+    )
     teacher = train(teacher_cfg, storage, "teacher")
     rows: dict[str, list] = {row: [] for row in ROWS}
     rows["teacher"].append(test_metrics(teacher, data))
     searched = search_best(data, teacher, storage, args, dataset, address)
-    recipes = {"student_no_kd": ("student", {}), "student_paper_recipe": ("gankd", paper_params()),
-               "student_searched": ("gankd", searched)}
+    recipes = {
+        "student_no_kd": ("student", {}),
+        "student_paper_recipe": ("gankd", paper_params()),
+        "student_searched": ("gankd", searched),
+    }
     for seed in range(args.seeds):
         for row, (role, params) in recipes.items():
             cfg = student_config(base, role, params, seed, args.student_epochs)
@@ -153,8 +211,10 @@ def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[st
 def goal_met(result: dict[str, Any]) -> bool:
     searched, no_kd, paper = (result[r] for r in ("student_searched", "student_no_kd", "student_paper_recipe"))
     noise = max(searched["ap50_std"], no_kd["ap50_std"], paper["ap50_std"])
-    return (searched["ap50_mean"] - no_kd["ap50_mean"] >= max(0.03, noise)
-            and searched["ap50_mean"] - paper["ap50_mean"] > noise)
+    return (
+        searched["ap50_mean"] - no_kd["ap50_mean"] >= max(0.03, noise)
+        and searched["ap50_mean"] - paper["ap50_mean"] > noise
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = {}
     for name in args.datasets:
-        results[name] = {**run_dataset(name, args, address), "settings": settings,
-                         "date": dt.datetime.now().isoformat(timespec="seconds")}
+        results[name] = {
+            **run_dataset(name, args, address),
+            "settings": settings,
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+        }
         write_report(args.out, name, results[name])
     print(table(results))
     print(f"[bench] wrote {args.out}")
@@ -199,8 +262,16 @@ def write_report(path: Path, dataset: str, result: dict[str, Any]) -> None:
     """Add (or replace) one dataset's result in the results file, so datasets can be run one at a time."""
     report = json.loads(path.read_text()) if path.exists() else {}
     datasets = {**report.get("datasets", {}), dataset: result}
-    write_benchmark_json(path, {"benchmark": "kd_effect", "date": result["date"], "machine": machine_description(),
-                             "split": "test", "datasets": datasets})
+    write_benchmark_json(
+        path,
+        {
+            "benchmark": "kd_effect",
+            "date": result["date"],
+            "machine": machine_description(),
+            "split": "test",
+            "datasets": datasets,
+        },
+    )
 
 
 def table(results: dict[str, Any]) -> str:
@@ -208,8 +279,10 @@ def table(results: dict[str, Any]) -> str:
     for dataset, rows in results.items():
         for row in ROWS:
             r = rows[row]
-            lines.append(f"| {dataset} | {row} | {r['map_mean']:.4f} ± {r['map_std']:.4f} | "
-                         f"{r['ap50_mean']:.4f} ± {r['ap50_std']:.4f} | {r['seeds']} |")
+            lines.append(
+                f"| {dataset} | {row} | {r['map_mean']:.4f} ± {r['map_std']:.4f} | "
+                f"{r['ap50_mean']:.4f} ± {r['ap50_std']:.4f} | {r['seeds']} |"
+            )
     return "\n".join(lines)
 
 

@@ -64,8 +64,14 @@ def loader_images_per_s(config: RunConfig, epochs: int = 2) -> float:
     from gankd_ray.data.loader import DetectionBatchLoader
 
     loader = DetectionBatchLoader.from_dataset(
-        config.data.path, config.data.train_split, config.detector.image_size, config.optim.batch_size,
-        train=True, seed=config.seed, hflip=config.data.hflip, jitter=config.data.jitter,
+        config.data.path,
+        config.data.train_split,
+        config.detector.image_size,
+        config.optim.batch_size,
+        train=True,
+        seed=config.seed,
+        hflip=config.data.hflip,
+        jitter=config.data.jitter,
         num_workers=config.data.loader_workers,
     )
     images, started = 0, time.perf_counter()
@@ -107,12 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     experiment = args.experiment or run_search(args.storage, args.name, args.search_args)
     figures = measure(experiment)
-    result = {"benchmark": "overhead", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine_description(), "experiment": str(experiment),
-              "search_args": args.search_args, **figures}
+    result = {
+        "benchmark": "overhead",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "experiment": str(experiment),
+        "search_args": args.search_args,
+        **figures,
+    }
     write_benchmark_json(args.out, result)
-    for key in ("trial_overhead_share", "ray_startup_s_mean", "worker_setup_s_mean", "trial_wall_s_mean",
-                "loader_over_consumption", "eval_share"):
+    for key in (
+        "trial_overhead_share",
+        "ray_startup_s_mean",
+        "worker_setup_s_mean",
+        "trial_wall_s_mean",
+        "loader_over_consumption",
+        "eval_share",
+    ):
         print(f"{key:>24}: {figures[key]:.3f}")
     print(f"[bench] wrote {args.out}")
     return 0

@@ -49,10 +49,28 @@ def run(scheduler: str, args: argparse.Namespace, teacher: str | None) -> Path:
     if (args.storage / name).exists():
         print(f"[bench] replacing {args.storage / name}", flush=True)
         shutil.rmtree(args.storage / name)
-    command = [sys.executable, str(ROOT / "launch" / "search.py"), "--storage", str(args.storage), "--name", name,
-               "--scheduler", scheduler, "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
-               "--grace-period", str(args.grace_period), "--reduction-factor", str(args.reduction_factor),
-               "--seed", str(args.seed), *(["--teacher", teacher] if teacher else []), *args.search_args]
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "search.py"),
+        "--storage",
+        str(args.storage),
+        "--name",
+        name,
+        "--scheduler",
+        scheduler,
+        "--num-samples",
+        str(args.num_samples),
+        "--max-epochs",
+        str(args.max_epochs),
+        "--grace-period",
+        str(args.grace_period),
+        "--reduction-factor",
+        str(args.reduction_factor),
+        "--seed",
+        str(args.seed),
+        *(["--teacher", teacher] if teacher else []),
+        *args.search_args,
+    ]
     print("[bench] " + " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
     return args.storage / name
@@ -83,12 +101,19 @@ def replay_asha(epochs: pd.DataFrame, grace_period: int, reduction_factor: int, 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     max_t = int(epochs["epoch"].max())
-    scheduler = ASHAScheduler(time_attr="epoch", metric="map", mode="max", max_t=max_t,
-                              grace_period=grace_period, reduction_factor=reduction_factor)
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        metric="map",
+        mode="max",
+        max_t=max_t,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
     curves = {tid: group.sort_values("epoch") for tid, group in epochs.groupby("trial_id")}
     order = sorted(curves, key=lambda tid: curves[tid]["trial_started"].iloc[0])
-    durations = {tid: c["reported_at"].diff().fillna(c["reported_at"] - c["trial_started"]).tolist()
-                 for tid, c in curves.items()}
+    durations = {
+        tid: c["reported_at"].diff().fillna(c["reported_at"] - c["trial_started"]).tolist() for tid, c in curves.items()
+    }
     waiting, running, ran = list(order), [], {}
 
     def start(tid: str, now: float) -> None:
@@ -111,23 +136,30 @@ def replay_asha(epochs: pd.DataFrame, grace_period: int, reduction_factor: int, 
             start(waiting.pop(0), now)
     fifo_best = float(epochs["map"].max())
     best = max(float(curves[tid]["map"].iloc[:n].max()) for tid, n in ran.items())
-    return {"grace_period": grace_period, "reduction_factor": reduction_factor,
-            "epochs_over_fifo": sum(ran.values()) / sum(len(c) for c in curves.values()),
-            "best_minus_fifo_best": 100.0 * (best - fifo_best), "wall_s": now}
+    return {
+        "grace_period": grace_period,
+        "reduction_factor": reduction_factor,
+        "epochs_over_fifo": sum(ran.values()) / sum(len(c) for c in curves.values()),
+        "best_minus_fifo_best": 100.0 * (best - fifo_best),
+        "wall_s": now,
+    }
 
 
 def replay_grid(fifo_dir: Path, concurrency: int) -> list[dict]:
     epochs = pd.read_parquet(fifo_dir / "epochs.parquet")
     max_t = int(epochs["epoch"].max())
-    return [replay_asha(epochs, grace, factor, concurrency)
-            for factor in (2, 3, 4) for grace in range(1, max_t // 2 + 1)]
+    return [
+        replay_asha(epochs, grace, factor, concurrency) for factor in (2, 3, 4) for grace in range(1, max_t // 2 + 1)
+    ]
 
 
 def print_replay(cells: list[dict]) -> None:
     print("[bench] ASHA replayed on FIFO's curves: grace, factor -> share of FIFO's epochs, best - FIFO best (points)")
     for cell in cells:
-        print(f"  grace {cell['grace_period']} factor {cell['reduction_factor']}: "
-              f"{cell['epochs_over_fifo']:.2f} of the epochs, {cell['best_minus_fifo_best']:+.2f} points")
+        print(
+            f"  grace {cell['grace_period']} factor {cell['reduction_factor']}: "
+            f"{cell['epochs_over_fifo']:.2f} of the epochs, {cell['best_minus_fifo_best']:+.2f} points"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,11 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduction-factor", type=int, default=2, help="default: launch/search.py's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once in the replay (as in the runs)")
-    parser.add_argument("--reuse-fifo", action="store_true",
-                        help="compare with this budget's finished FIFO experiment instead of running it again "
-                             "(FIFO does not depend on the rungs; same teacher, seed and trials assumed)")
-    parser.add_argument("--replay-only", action="store_true",
-                        help="replay ASHA on the existing FIFO experiment and update only the replay in --out")
+    parser.add_argument(
+        "--reuse-fifo",
+        action="store_true",
+        help="compare with this budget's finished FIFO experiment instead of running it again "
+        "(FIFO does not depend on the rungs; same teacher, seed and trials assumed)",
+    )
+    parser.add_argument(
+        "--replay-only",
+        action="store_true",
+        help="replay ASHA on the existing FIFO experiment and update only the replay in --out",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("search_args", nargs="*", help="extra launch/search.py arguments (after --)")
     args = parser.parse_args(argv)
@@ -168,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     entry = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "asha": asha, "fifo": fifo,
+        "asha": asha,
+        "fifo": fifo,
         "asha_epochs_over_fifo": asha["epochs_consumed"] / fifo["epochs_consumed"],
         "asha_wall_over_fifo": asha["wall_s"] / fifo["wall_s"],
         "asha_best_minus_fifo_best": 100.0 * (asha["best_map"] - fifo["best_map"]),  # mAP points
@@ -201,8 +240,9 @@ def load_runs(path: Path) -> dict[str, dict]:
 def write_result(path: Path, entry: dict) -> None:
     """This run's figures at the top (the issue's keys), every run so far under ``runs``."""
     runs = {**load_runs(path), run_key(entry["settings"]): entry}
-    write_benchmark_json(path, {"benchmark": "search_efficiency", "machine": machine_description(), **entry,
-                             "runs": runs})
+    write_benchmark_json(
+        path, {"benchmark": "search_efficiency", "machine": machine_description(), **entry, "runs": runs}
+    )
 
 
 if __name__ == "__main__":

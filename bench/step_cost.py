@@ -117,7 +117,12 @@ def parts(step: TrainStep, images: torch.Tensor, targets: list[dict]) -> dict[st
     def full_step() -> None:
         step.train_step(images, targets, 0.5)
 
-    return {"full_step": full_step, "teacher_forward": teacher_forward, "student_step": student_step, "disc_step": disc_step}
+    return {
+        "full_step": full_step,
+        "teacher_forward": teacher_forward,
+        "student_step": student_step,
+        "disc_step": disc_step,
+    }
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from step_cost import QUICK, random_batch
 
 from gankd_ray.config import DetectorConfig, OptimConfig, RunConfig
@@ -113,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         "fit_total_s": ray_result["fit_total_s"],
     }
     write_benchmark_json(args.out, result)
-    print(f"plain {plain['step_s']:.3f} s/step, in Ray Train {ray_result['step_s']:.3f} s/step: "
-          f"ray_over_plain {ratio:.3f} (goal <= {GOAL}); fit() -> first step {ray_result['fit_to_first_step_s']:.1f} s")
+    print(
+        f"plain {plain['step_s']:.3f} s/step, in Ray Train {ray_result['step_s']:.3f} s/step: "
+        f"ray_over_plain {ratio:.3f} (goal <= {GOAL}); fit() -> first step {ray_result['fit_to_first_step_s']:.1f} s"
+    )
     print(f"wrote {args.out}")
     return 0
 

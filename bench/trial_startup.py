@@ -104,12 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     figures = {}
     for variant in ("stock", "gankd"):
         times = [t for v, t in results if v == variant]
-        figures[variant] = {"startup_s_mean": statistics.mean(times), "startup_s_std": statistics.pstdev(times),
-                            "trials": len(times)}
+        figures[variant] = {
+            "startup_s_mean": statistics.mean(times),
+            "startup_s_std": statistics.pstdev(times),
+            "trials": len(times),
+        }
         print(f"{variant:>6}: start-up {statistics.mean(times):.2f} +- {statistics.pstdev(times):.2f} s")
-    result = {"benchmark": "trial_startup", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine_description(), "busy_core": not args.idle, **figures,
-              "gankd_over_stock": figures["gankd"]["startup_s_mean"] / figures["stock"]["startup_s_mean"]}
+    result = {
+        "benchmark": "trial_startup",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "busy_core": not args.idle,
+        **figures,
+        "gankd_over_stock": figures["gankd"]["startup_s_mean"] / figures["stock"]["startup_s_mean"],
+    }
     write_benchmark_json(args.out, result)
     print(f"gankd_over_stock: {result['gankd_over_stock']:.2f}\n[bench] wrote {args.out}")
     return 0

@@ -76,11 +76,15 @@ def check_dashboard_exposure(host: str, *, address: str | None = None, allow_una
     """
     if address or _is_loopback(host) or not token_auth_disabled():
         return
-    exposure = (f"--dashboard-host {host} with {AUTH_MODE_ENV}={os.environ[AUTH_MODE_ENV]}: an unauthenticated "
-                "job-submission endpoint, anyone who reaches it can run code as you")
+    exposure = (
+        f"--dashboard-host {host} with {AUTH_MODE_ENV}={os.environ[AUTH_MODE_ENV]}: an unauthenticated "
+        "job-submission endpoint, anyone who reaches it can run code as you"
+    )
     if not allow_unauthenticated:
-        raise InputError(f"{exposure}; bind it to 127.0.0.1 (forward the port over ssh) or turn token "
-                         "authentication on (--allow-unauthenticated-dashboard overrides)")
+        raise InputError(
+            f"{exposure}; bind it to 127.0.0.1 (forward the port over ssh) or turn token "
+            "authentication on (--allow-unauthenticated-dashboard overrides)"
+        )
     print(f"WARNING: {exposure} (allowed by --allow-unauthenticated-dashboard)", file=sys.stderr, flush=True)
 
 

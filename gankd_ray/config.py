@@ -270,7 +270,7 @@ class RunConfig:
         return _to_plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
         return _from_dict(cls, data, where)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -282,7 +282,7 @@ class RunConfig:
         return text
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "RunConfig":
+    def from_yaml(cls, path: str | Path) -> RunConfig:
         try:
             data = load_yaml(Path(path).read_text())
         except FileNotFoundError:
@@ -297,7 +297,7 @@ class RunConfig:
             raise ConfigError(f"{path}: top level must be a mapping")
         return cls.from_dict(data, where=str(path))
 
-    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "RunConfig":
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> RunConfig:
         """A copy with dotted-key overrides applied (``["distill.adv_weight=0.1"]`` or a dict)."""
         if isinstance(overrides, list):
             overrides = parse_overrides(overrides)

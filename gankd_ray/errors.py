@@ -29,7 +29,7 @@ class UserError(Exception):
     def __str__(self) -> str:
         return f"{self.flag}: {self.message}" if self.flag else self.message
 
-    def under(self, flag: str) -> "UserError":
+    def under(self, flag: str) -> UserError:
         """The same error attributed to the command-line option ``flag`` (an existing flag is kept)."""
         if self.flag:
             return self

@@ -65,8 +65,12 @@ def hooks_active() -> bool:
 
 @functools.cache
 def _warn_hooks_off(version: str) -> None:
-    print(f"WARNING: gankd-ray's Ray hooks are tested on Ray {', '.join(s + '.x' for s in KNOWN_GOOD_RAY_SERIES)}, "
-          f"not {version}; using stock Ray behaviour, off: {'; '.join(GATED_HOOKS)}", file=sys.stderr, flush=True)
+    print(
+        f"WARNING: gankd-ray's Ray hooks are tested on Ray {', '.join(s + '.x' for s in KNOWN_GOOD_RAY_SERIES)}, "
+        f"not {version}; using stock Ray behaviour, off: {'; '.join(GATED_HOOKS)}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,14 +239,18 @@ def _define_reaper_callback() -> None:
             self._reaper = None
 
         def after_controller_start(self, train_run_context) -> None:
-            self._reaper = ray.remote(num_cpus=0)(PlacementGroupReaper).options(
-                lifetime="detached",
-                # On the head node, like Ray's cleaner and the trial drivers: losing a worker node must not lose it.
-                resources={HEAD_NODE_RESOURCE: HEAD_NODE_SHARE},
-                # Outside the Tune trial's placement group, which Ray would otherwise capture it into, and where
-                # it never fits (seen: the run waited on its reaper for good).
-                scheduling_strategy="DEFAULT",
-            ).remote(ray.get_runtime_context().current_actor)
+            self._reaper = (
+                ray.remote(num_cpus=0)(PlacementGroupReaper)
+                .options(
+                    lifetime="detached",
+                    # On the head node, like Ray's cleaner and the trial drivers: losing a worker node must not lose it.
+                    resources={HEAD_NODE_RESOURCE: HEAD_NODE_SHARE},
+                    # Outside the Tune trial's placement group, which Ray would otherwise capture it into, and where
+                    # it never fits (seen: the run waited on its reaper for good).
+                    scheduling_strategy="DEFAULT",
+                )
+                .remote(ray.get_runtime_context().current_actor)
+            )
             self._reaper.watch.remote()
 
         def after_worker_group_start(self, worker_group) -> None:

@@ -13,8 +13,9 @@ import dataclasses
 import enum
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from gankd_ray import storage
 
@@ -108,7 +109,7 @@ class EpochRecord:
         return {key: value for key, value in flat.items() if _is_plain(value) and value is not None}
 
     @classmethod
-    def from_dict(cls, flat: dict[str, Any]) -> "EpochRecord":
+    def from_dict(cls, flat: dict[str, Any]) -> EpochRecord:
         """The inverse of ``to_dict``: known fields by name, COCO figures to ``quality``, other numbers to ``terms``."""
         flat = dict(flat)
         parts = {name: _pop_fields(flat, kind) for name, kind in (("throughput", Throughput), ("context", RunContext))}
@@ -116,15 +117,44 @@ class EpochRecord:
         status = Status(flat.pop("status", Status.RUNNING))
         quality = {k: flat.pop(k) for k in list(flat) if k in QUALITY_KEYS}
         terms = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return cls(status=status, quality=quality, terms=terms, throughput=Throughput(**parts["throughput"]),
-                   context=RunContext(**parts["context"]), **scalars)
+        return cls(
+            status=status,
+            quality=quality,
+            terms=terms,
+            throughput=Throughput(**parts["throughput"]),
+            context=RunContext(**parts["context"]),
+            **scalars,
+        )
 
 
 # COCOeval's figures (gankd_ray.eval.evaluate_coco): a record's quality, the rest of its numbers are terms.
-QUALITY_KEYS = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100", "ar_small",
-                "ar_medium", "ar_large")
-_SCALAR_FIELDS = ("epoch", "epochs", "best_map", "best_ap50", "best_epoch", "score", "node", "reported_at",
-                  "worker_started_at", "first_step_at", "checkpoint")
+QUALITY_KEYS = (
+    "map",
+    "ap50",
+    "ap75",
+    "ap_small",
+    "ap_medium",
+    "ap_large",
+    "ar1",
+    "ar10",
+    "ar100",
+    "ar_small",
+    "ar_medium",
+    "ar_large",
+)
+_SCALAR_FIELDS = (
+    "epoch",
+    "epochs",
+    "best_map",
+    "best_ap50",
+    "best_epoch",
+    "score",
+    "node",
+    "reported_at",
+    "worker_started_at",
+    "first_step_at",
+    "checkpoint",
+)
 
 
 def _pop_fields(flat: dict[str, Any], kind: type) -> dict[str, Any]:
@@ -208,5 +238,12 @@ def summarize(run_dir: str) -> RunSummary:
     if not records:
         return RunSummary(status=Status.ERROR, run_dir=run_dir)
     best = best_record(records)
-    return RunSummary(status=records[-1].status, run_dir=run_dir, epochs_done=records[-1].epoch,
-                      best_map=best.map, best_ap50=best.ap50, best_epoch=best.epoch, checkpoint=best.checkpoint)
+    return RunSummary(
+        status=records[-1].status,
+        run_dir=run_dir,
+        epochs_done=records[-1].epoch,
+        best_map=best.map,
+        best_ap50=best.ap50,
+        best_epoch=best.epoch,
+        checkpoint=best.checkpoint,
+    )

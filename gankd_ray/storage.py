@@ -66,7 +66,7 @@ def local_path(uri: str) -> Path:
     """The local path of a local location (a plain path or ``file://``)."""
     if not is_local(uri):
         raise ValueError(f"{uri}: not a local location")
-    return Path(uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else normalize_uri(uri))
+    return Path(uri[len(FILE_SCHEME) :] if uri.startswith(FILE_SCHEME) else normalize_uri(uri))
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -7,8 +7,9 @@ import os
 import platform
 import reprlib
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -42,7 +43,7 @@ def repo_relative(data: Any, root: Path = REPO_ROOT) -> Any:
     files name no machine's folders."""
     prefix = str(root).rstrip("/") + "/"
     if isinstance(data, str):
-        return data[len(prefix):] if data.startswith(prefix) else data
+        return data[len(prefix) :] if data.startswith(prefix) else data
     if isinstance(data, dict):
         return {key: repo_relative(value, root) for key, value in data.items()}
     if isinstance(data, (list, tuple)):

@@ -3,7 +3,7 @@
 
 import sys
 
-from gankd_ray.cli import run, evaluate
+from gankd_ray.cli import evaluate, run
 
 if __name__ == "__main__":
     sys.exit(run(evaluate.main))

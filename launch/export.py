@@ -3,7 +3,7 @@
 
 import sys
 
-from gankd_ray.cli import run, export
+from gankd_ray.cli import export, run
 
 if __name__ == "__main__":
     sys.exit(run(export.main))

@@ -3,7 +3,7 @@
 
 import sys
 
-from gankd_ray.cli import run, predict
+from gankd_ray.cli import predict, run
 
 if __name__ == "__main__":
     sys.exit(run(predict.main))

@@ -12,7 +12,7 @@ The command is ``gankd_ray/cli/prepare_weights.py`` (installed as ``gankd-prepar
 
 import sys
 
-from gankd_ray.cli import run, prepare_weights
+from gankd_ray.cli import prepare_weights, run
 
 if __name__ == "__main__":
     sys.exit(run(prepare_weights.main))

@@ -146,21 +146,32 @@ def s3(tmp_path_factory):
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("s3") / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(S3_SETUP_REQUESTS)},
-                              stdout=log, stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(S3_SETUP_REQUESTS)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     try:
         _wait_for_port(port, server)
         url = f"http://127.0.0.1:{port}"
-        iam = boto3.client("iam", endpoint_url=url, region_name=S3_REGION, aws_access_key_id="setup",
-                           aws_secret_access_key="setup")
+        iam = boto3.client(
+            "iam", endpoint_url=url, region_name=S3_REGION, aws_access_key_id="setup", aws_secret_access_key="setup"
+        )
         read_write = _s3_user(iam, "gankd-rw", ["s3:*"])
         read_only = _s3_user(iam, "gankd-ro", ["s3:Get*", "s3:List*", "s3:Head*"])
         env = {"AWS_ENDPOINT_URL": url, "AWS_DEFAULT_REGION": S3_REGION, **read_write}
-        boto3.client("s3", endpoint_url=url, region_name=S3_REGION, aws_access_key_id=read_write["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=read_write["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=S3_BUCKET)
+        boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name=S3_REGION,
+            aws_access_key_id=read_write["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=read_write["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket=S3_BUCKET)
         os.environ.update(env)
         yield {"url": url, "port": port, "env": env, "read_only": {**env, **read_only}, "bucket": S3_BUCKET}
     finally:

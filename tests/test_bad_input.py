@@ -51,8 +51,16 @@ MAX_WALL_SECONDS_WITH_RAY = 120  # a local Ray starts in ~10 s, more on a loaded
 MAX_RSS_MB = 1500  # torch and ray imported, no data loaded; a decoded image bomb or expanded YAML is far more
 MAX_ERROR_CHARS = 600  # a path or two and a short echo of the value: never the user's whole input
 PARALLEL = 2
-SEARCH_OPTIONS = ("--storage", "{work}/runs", "--name", "bad", "--teacher-epochs", "1",
-                  "optim.batch_size=8", "data.loader_workers=0")
+SEARCH_OPTIONS = (
+    "--storage",
+    "{work}/runs",
+    "--name",
+    "bad",
+    "--teacher-epochs",
+    "1",
+    "optim.batch_size=8",
+    "data.loader_workers=0",
+)
 Setup = Callable[[Path, dict[str, str]], None]
 
 
@@ -133,8 +141,9 @@ def saved_search(mode: int | None = None, owner: int | None = None, **fields: An
 
         folder = work / "runs" / "bad"
         (folder / "tune").mkdir(parents=True)
-        request = SearchRequest(data=inputs["data"], teacher=inputs["teacher"], storage=str(work / "runs"),
-                                name="bad", **fields)
+        request = SearchRequest(
+            data=inputs["data"], teacher=inputs["teacher"], storage=str(work / "runs"), name="bad", **fields
+        )
         (folder / "search.yaml").write_text(request.to_yaml())
         pickle = folder / "tune" / "tuner.pkl"
         pickle.write_bytes(b"never unpickled by a refused resume")
@@ -197,6 +206,7 @@ def float_tiff(path: Path) -> None:
 
 def png_bomb(path: Path, side: int = 7000) -> None:
     """A valid all-black greyscale PNG of ``side x side`` pixels (49 megapixels in ~50 KB), streamed."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
@@ -223,7 +233,9 @@ def voc_with(filename: str = "a.jpg", difficult: str = "0") -> Setup:
         shutil.copy(root / "JPEGImages" / "b.jpg", work / "outside.jpg")
         shutil.copy(root / "JPEGImages" / "b.jpg", root / "outside.jpg")
         xml = root / "Annotations" / "a.xml"
-        text = xml.read_text().replace("<filename>a.jpg</filename>", f"<filename>{filename.format(work=work)}</filename>")
+        text = xml.read_text().replace(
+            "<filename>a.jpg</filename>", f"<filename>{filename.format(work=work)}</filename>"
+        )
         xml.write_text(text.replace("<difficult>0</difficult>", f"<difficult>{difficult}</difficult>", 1))
 
     return setup
@@ -253,197 +265,377 @@ HUGE = 10**400  # an integer JSON accepts and float() cannot hold
 NO_AUTH = (("RAY_AUTH_MODE", "disabled"),)
 
 
-PREPARE_COCO = ("coco", "--images", "{work}/coco/images", "--annotations", "{work}/coco/instances.json",
-                "--out", "{work}/prepared")
+PREPARE_COCO = (
+    "coco",
+    "--images",
+    "{work}/coco/images",
+    "--annotations",
+    "{work}/coco/instances.json",
+    "--out",
+    "{work}/prepared",
+)
 SPACE = ("--space", "{work}/space.yaml")
 
 CASES: dict[str, Case] = {
     "space file: malformed YAML": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "invalid YAML"), write_file("space.yaml", "params: [1, 2")),
+        "search", search(*SPACE), ("{work}/space.yaml", "invalid YAML"), write_file("space.yaml", "params: [1, 2")
+    ),
     "space file: inverted range": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "params.adv_weight", "inverted range"),
-        write_file("space.yaml", "params: {adv_weight: {type: loguniform, low: 2, high: 1}}")),
+        "search",
+        search(*SPACE),
+        ("{work}/space.yaml", "params.adv_weight", "inverted range"),
+        write_file("space.yaml", "params: {adv_weight: {type: loguniform, low: 2, high: 1}}"),
+    ),
     "space file: levels the detector lacks": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "params.levels", "'level9'"),
-        write_file("space.yaml", "params: {levels: {type: categorical, choices: [all, [level0, level9]]}}")),
+        "search",
+        search(*SPACE),
+        ("{work}/space.yaml", "params.levels", "'level9'"),
+        write_file("space.yaml", "params: {levels: {type: categorical, choices: [all, [level0, level9]]}}"),
+    ),
     "config: levels the detector lacks": Case(
-        "search", search("distill.levels=[level0,level9]"), ("distill.levels", "'level9'")),
+        "search", search("distill.levels=[level0,level9]"), ("distill.levels", "'level9'")
+    ),
     "missing data path": Case("search", search(data="{work}/no_such_dataset"), ("--data", "{work}/no_such_dataset")),
     "teacher/data class mismatch": Case(
-        "search", search("--teacher", "{teacher}", data="{three_classes}"), ("--teacher", "5 classes", "has 3")),
+        "search", search("--teacher", "{teacher}", data="{three_classes}"), ("--teacher", "5 classes", "has 3")
+    ),
     "teacher: weights of another architecture": Case(
-        "search", search("--teacher", "{mismatched}"), ("{mismatched}", "do not match backbone 'resnet18'")),
+        "search", search("--teacher", "{mismatched}"), ("{mismatched}", "do not match backbone 'resnet18'")
+    ),
     "unknown backbone": Case("search", search("detector.backbone=nope_net"), ("detector.backbone", "nope_net")),
     "zero learning rate": Case("search", search("optim.lr=0"), ("optim.lr=0",)),
     "grace period beyond the budget": Case(
-        "search", search("--max-epochs", "2", "--grace-period", "3"), ("--grace-period 3", "--max-epochs (2)")),
+        "search", search("--max-epochs", "2", "--grace-period", "3"), ("--grace-period 3", "--max-epochs (2)")
+    ),
     "negative learning rate (config file)": Case(
-        "search", search("--config", "{work}/run.yaml"), ("optim.lr=-0.001",),
-        write_file("run.yaml", "optim: {lr: -0.001}\n")),
+        "search",
+        search("--config", "{work}/run.yaml"),
+        ("optim.lr=-0.001",),
+        write_file("run.yaml", "optim: {lr: -0.001}\n"),
+    ),
     "--resume of an unknown name": Case("search", search("--name", "nope", "--resume"), ("--resume", "'nope'")),
     "--resume from a folder others may write": Case(
-        "search", RESUME, ("--resume", "{work}/runs/bad/tune/tuner.pkl", "writable by others", "refused"),
-        saved_search(mode=0o666)),
+        "search",
+        RESUME,
+        ("--resume", "{work}/runs/bad/tune/tuner.pkl", "writable by others", "refused"),
+        saved_search(mode=0o666),
+    ),
     "--resume from another user's folder": Case(
-        "search", RESUME, ("--resume", "tuner.pkl", "belongs to uid 4242", "refused"), saved_search(owner=4242)),
+        "search", RESUME, ("--resume", "tuner.pkl", "belongs to uid 4242", "refused"), saved_search(owner=4242)
+    ),
     "--resume of a search whose Optuna password was not saved": Case(
-        "search", RESUME, ("--optuna-storage postgresql://gankd:***@db.example/study", "give --optuna-storage again"),
-        saved_search(optuna_storage="postgresql://gankd:***@db.example/study")),
+        "search",
+        RESUME,
+        ("--optuna-storage postgresql://gankd:***@db.example/study", "give --optuna-storage again"),
+        saved_search(optuna_storage="postgresql://gankd:***@db.example/study"),
+    ),
     "--optuna-storage env: of an unset variable": Case(
-        "search", search("--optuna-storage", "env:GANKD_TEST_UNSET_DB"),
-        ("--optuna-storage env:GANKD_TEST_UNSET_DB", "GANKD_TEST_UNSET_DB is not set")),
+        "search",
+        search("--optuna-storage", "env:GANKD_TEST_UNSET_DB"),
+        ("--optuna-storage env:GANKD_TEST_UNSET_DB", "GANKD_TEST_UNSET_DB is not set"),
+    ),
     "--optuna-storage file: that does not exist": Case(
-        "search", search("--optuna-storage", "file:{work}/db-url.txt"), ("--optuna-storage file:", "cannot read")),
+        "search", search("--optuna-storage", "file:{work}/db-url.txt"), ("--optuna-storage file:", "cannot read")
+    ),
     "--optuna-storage env: holding no URL": Case(
-        "search", search("--optuna-storage", "env:GANKD_TEST_DB"), ("--optuna-storage env:GANKD_TEST_DB",
-                                                                   "not a database URL"),
-        env=(("GANKD_TEST_DB", "only-a-password"),)),
+        "search",
+        search("--optuna-storage", "env:GANKD_TEST_DB"),
+        ("--optuna-storage env:GANKD_TEST_DB", "not a database URL"),
+        env=(("GANKD_TEST_DB", "only-a-password"),),
+    ),
     "storage under a file": Case(
-        "search", search("--storage", "{work}/afile/runs"), ("--storage", "{work}/afile is not a folder"),
-        write_file("afile", "not a folder")),
+        "search",
+        search("--storage", "{work}/afile/runs"),
+        ("--storage", "{work}/afile is not a folder"),
+        write_file("afile", "not a folder"),
+    ),
     "corrupt image": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "img3.png", "corrupt"),
-        bad_coco(truncate_image)),
+        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "img3.png", "corrupt"), bad_coco(truncate_image)
+    ),
     "invalid box": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "annotation 11", "outside the 64x48 image"),
-        bad_coco(box_outside_image)),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "annotation 11", "outside the 64x48 image"),
+        bad_coco(box_outside_image),
+    ),
     "export missing student.pt (evaluate)": Case(
-        "evaluate", ("--model", "{work}/model", "--data", "{data}"), ("{work}/model", "missing student.pt"),
-        export_without("student.pt")),
+        "evaluate",
+        ("--model", "{work}/model", "--data", "{data}"),
+        ("{work}/model", "missing student.pt"),
+        export_without("student.pt"),
+    ),
     "export missing student.ts (evaluate --torchscript)": Case(
-        "evaluate", ("--model", "{work}/model", "--data", "{data}", "--torchscript"),
-        ("{work}/model", "missing student.ts"), export_without("student.ts")),
+        "evaluate",
+        ("--model", "{work}/model", "--data", "{data}", "--torchscript"),
+        ("{work}/model", "missing student.ts"),
+        export_without("student.ts"),
+    ),
     "export missing card.json (predict)": Case(
-        "predict", ("--model", "{work}/model", "--images", "{image}", "--out", "{work}/predictions"),
-        ("{work}/model", "missing card.json"), export_without("card.json")),
-
+        "predict",
+        ("--model", "{work}/model", "--images", "{image}", "--out", "{work}/predictions"),
+        ("{work}/model", "missing card.json"),
+        export_without("card.json"),
+    ),
     # --- issue 16: hostile and careless input ---------------------------------------------------
     # traversal: a VOC <filename> is read from JPEGImages/ only; COCO file names the same
-    **{f"VOC <filename> {name}": Case(
-        "prepare_data", PREPARE_VOC, ("{work}/voc/Annotations/a.xml", "<filename>", "plain relative path"),
-        voc_with(name)) for name in ("../outside.jpg", "../../outside.jpg", "{work}/outside.jpg",
-                                     "sub/../../outside.jpg", "..\\outside.jpg")},
+    **{
+        f"VOC <filename> {name}": Case(
+            "prepare_data",
+            PREPARE_VOC,
+            ("{work}/voc/Annotations/a.xml", "<filename>", "plain relative path"),
+            voc_with(name),
+        )
+        for name in (
+            "../outside.jpg",
+            "../../outside.jpg",
+            "{work}/outside.jpg",
+            "sub/../../outside.jpg",
+            "..\\outside.jpg",
+        )
+    },
     "COCO file_name absolute": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "image 1", "plain relative path"),
-        bad_coco(set_field("images", 0, "file_name", "/etc/hostname"))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "image 1", "plain relative path"),
+        bad_coco(set_field("images", 0, "file_name", "/etc/hostname")),
+    ),
     "COCO file_name with a NUL byte": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "image 1", "x00", "plain relative path"),
-        bad_coco(set_field("images", 0, "file_name", "img1.png\x00.txt"))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "image 1", "x00", "plain relative path"),
+        bad_coco(set_field("images", 0, "file_name", "img1.png\x00.txt")),
+    ),
     "COCO file_name with a newline": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "image 1", "plain relative path"),
-        bad_coco(set_field("images", 0, "file_name", "img1\n.png"))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "image 1", "plain relative path"),
+        bad_coco(set_field("images", 0, "file_name", "img1\n.png")),
+    ),
     # --overwrite replaces only a prepared dataset (or an empty folder)
     "--overwrite of a user's folder": Case(
-        "prepare_data", (*PREPARE_COCO[:-1], "{work}/mine", "--overwrite"),
-        ("{work}/mine", "not a prepared dataset"), both(bad_coco(lambda d, f: None), user_folder("mine", {"notes.txt": "x"}))),
+        "prepare_data",
+        (*PREPARE_COCO[:-1], "{work}/mine", "--overwrite"),
+        ("{work}/mine", "not a prepared dataset"),
+        both(bad_coco(lambda d, f: None), user_folder("mine", {"notes.txt": "x"})),
+    ),
     "--overwrite of the current folder": Case(
-        "prepare_data", (*PREPARE_COCO[:-1], ".", "--overwrite"), ("{work}:", "not a prepared dataset"),
-        bad_coco(lambda d, f: None)),
+        "prepare_data",
+        (*PREPARE_COCO[:-1], ".", "--overwrite"),
+        ("{work}:", "not a prepared dataset"),
+        bad_coco(lambda d, f: None),
+    ),
     "--overwrite of a folder spelled with ..": Case(
-        "prepare_data", (*PREPARE_COCO[:-1], "{work}/coco/images/..", "--overwrite"),
-        ("{work}/coco:", "not a prepared dataset"), bad_coco(lambda d, f: None)),
+        "prepare_data",
+        (*PREPARE_COCO[:-1], "{work}/coco/images/..", "--overwrite"),
+        ("{work}/coco:", "not a prepared dataset"),
+        bad_coco(lambda d, f: None),
+    ),
     "--overwrite of a folder with a foreign dataset.json": Case(
-        "prepare_data", (*PREPARE_COCO[:-1], "{work}/mine", "--overwrite"), ("{work}/mine", "not a prepared dataset"),
-        both(bad_coco(lambda d, f: None), user_folder("mine", {"dataset.json": '{"name": "my notes"}'}))),
+        "prepare_data",
+        (*PREPARE_COCO[:-1], "{work}/mine", "--overwrite"),
+        ("{work}/mine", "not a prepared dataset"),
+        both(bad_coco(lambda d, f: None), user_folder("mine", {"dataset.json": '{"name": "my notes"}'})),
+    ),
     # annotation files that are not files, or JSON that is too deep or too big
     "--annotations naming a folder": Case(
-        "prepare_data", ("coco", "--images", "{work}/coco/images", "--annotations", "{work}/coco", "--out",
-                         "{work}/prepared"), ("{work}/coco", "is a folder"), bad_coco(lambda d, f: None)),
+        "prepare_data",
+        ("coco", "--images", "{work}/coco/images", "--annotations", "{work}/coco", "--out", "{work}/prepared"),
+        ("{work}/coco", "is a folder"),
+        bad_coco(lambda d, f: None),
+    ),
     "deeply nested JSON": Case(
-        "prepare_data", ("coco", "--images", "{work}", "--annotations", "{work}/deep.json", "--out", "{work}/out"),
-        ("{work}/deep.json", "nested too deeply"), write_file("deep.json", "[" * 200_000 + "]" * 200_000)),
+        "prepare_data",
+        ("coco", "--images", "{work}", "--annotations", "{work}/deep.json", "--out", "{work}/out"),
+        ("{work}/deep.json", "nested too deeply"),
+        write_file("deep.json", "[" * 200_000 + "]" * 200_000),
+    ),
     "JSON integer of 5000 digits": Case(
-        "prepare_data", ("coco", "--images", "{work}", "--annotations", "{work}/big.json", "--out", "{work}/out"),
-        ("{work}/big.json", "invalid JSON", "4300 digits"), write_file("big.json", '{"images": [' + "7" * 5000 + "]}")),
+        "prepare_data",
+        ("coco", "--images", "{work}", "--annotations", "{work}/big.json", "--out", "{work}/out"),
+        ("{work}/big.json", "invalid JSON", "4300 digits"),
+        write_file("big.json", '{"images": [' + "7" * 5000 + "]}"),
+    ),
     # values that overflow
     "image id 2**63": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "image 9223372036854775808", "64 bits"),
-        bad_coco(renumber_image_1(2**63))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "image 9223372036854775808", "64 bits"),
+        bad_coco(renumber_image_1(2**63)),
+    ),
     "image id below -2**63": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "64 bits"), bad_coco(renumber_image_1(-(2**63) - 1))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "64 bits"),
+        bad_coco(renumber_image_1(-(2**63) - 1)),
+    ),
     "image id of 400 digits": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "image 1000", "64 bits"),
-        bad_coco(renumber_image_1(HUGE))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "image 1000", "64 bits"),
+        bad_coco(renumber_image_1(HUGE)),
+    ),
     "bbox value beyond float": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "annotation 10", "NaN or infinite"),
-        bad_coco(set_field("annotations", 0, "bbox", [4, 6, HUGE, 10]))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "annotation 10", "NaN or infinite"),
+        bad_coco(set_field("annotations", 0, "bbox", [4, 6, HUGE, 10])),
+    ),
     "width beyond float": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "image 1", "declared size 1000"),
-        bad_coco(set_field("images", 0, "width", HUGE))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "image 1", "declared size 1000"),
+        bad_coco(set_field("images", 0, "width", HUGE)),
+    ),
     # silent coercions: refused, and the message says which value
-    **{f"iscrowd {value!r}": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "annotation 10", f"iscrowd {value!r}", "0 or 1"),
-        bad_coco(set_field("annotations", 0, "iscrowd", value))) for value in ("no", "1", 2, 0.5, None)},
+    **{
+        f"iscrowd {value!r}": Case(
+            "prepare_data",
+            PREPARE_COCO,
+            ("{work}/coco/instances.json", "annotation 10", f"iscrowd {value!r}", "0 or 1"),
+            bad_coco(set_field("annotations", 0, "iscrowd", value)),
+        )
+        for value in ("no", "1", 2, 0.5, None)
+    },
     "annotation image_id true": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "annotation 10", "image True"),
-        bad_coco(set_field("annotations", 0, "image_id", True))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "annotation 10", "image True"),
+        bad_coco(set_field("annotations", 0, "image_id", True)),
+    ),
     "annotation category_id true": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "annotation 10", "unknown category True"),
-        bad_coco(set_field("annotations", 0, "category_id", True))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "annotation 10", "unknown category True"),
+        bad_coco(set_field("annotations", 0, "category_id", True)),
+    ),
     "VOC difficult 'no'": Case(
-        "prepare_data", PREPARE_VOC, ("{work}/voc/Annotations/a.xml", "object #0", "difficult 'no'", "0 or 1"),
-        voc_with(difficult="no")),
+        "prepare_data",
+        PREPARE_VOC,
+        ("{work}/voc/Annotations/a.xml", "object #0", "difficult 'no'", "0 or 1"),
+        voc_with(difficult="no"),
+    ),
     "16-bit image": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "img16.png", "'I;16'", "8 bits"),
-        bad_coco(replace_image("img16.png", sixteen_bit_png))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "img16.png", "'I;16'", "8 bits"),
+        bad_coco(replace_image("img16.png", sixteen_bit_png)),
+    ),
     "float image": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "float.tif", "'F'", "8 bits"),
-        bad_coco(replace_image("float.tif", float_tiff))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "float.tif", "'F'", "8 bits"),
+        bad_coco(replace_image("float.tif", float_tiff)),
+    ),
     # image bombs: refused from the header, never decoded
     "image bomb (49 megapixels)": Case(
-        "prepare_data", PREPARE_COCO, ("{work}/coco/instances.json", "bomb.png", "7000x7000", "--max-pixels"),
-        bad_coco(replace_image("bomb.png", png_bomb))),
+        "prepare_data",
+        PREPARE_COCO,
+        ("{work}/coco/instances.json", "bomb.png", "7000x7000", "--max-pixels"),
+        bad_coco(replace_image("bomb.png", png_bomb)),
+    ),
     "image above a given --max-pixels": Case(
-        "prepare_data", (*PREPARE_COCO, "--max-pixels", "1000"), ("{work}/coco/instances.json", "64x48",
-                                                                   "above the limit of 1000"), bad_coco(lambda d, f: None)),
+        "prepare_data",
+        (*PREPARE_COCO, "--max-pixels", "1000"),
+        ("{work}/coco/instances.json", "64x48", "above the limit of 1000"),
+        bad_coco(lambda d, f: None),
+    ),
     "predict: image bomb": Case(
-        "predict", (*PREDICT, "{work}/bomb.png"), ("{work}/bomb.png", "7000x7000", "--max-pixels"),
-        picture("bomb.png", png_bomb)),
+        "predict",
+        (*PREDICT, "{work}/bomb.png"),
+        ("{work}/bomb.png", "7000x7000", "--max-pixels"),
+        picture("bomb.png", png_bomb),
+    ),
     "predict: 16-bit image": Case(
-        "predict", (*PREDICT, "{image}", "{work}/deep.png"), ("{work}/deep.png", "'I;16'", "8 bits"),
-        picture("deep.png", sixteen_bit_png)),
+        "predict",
+        (*PREDICT, "{image}", "{work}/deep.png"),
+        ("{work}/deep.png", "'I;16'", "8 bits"),
+        picture("deep.png", sixteen_bit_png),
+    ),
     "predict: image above a given --max-pixels": Case(
-        "predict", (*PREDICT, "{image}", "--max-pixels", "100"), ("{image}", "above the limit of 100")),
+        "predict", (*PREDICT, "{image}", "--max-pixels", "100"), ("{image}", "above the limit of 100")
+    ),
     # YAML: aliases that expand to gigabytes, nesting, values too big to echo
     "space file: nested aliases": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "aliases expand to more than"),
-        write_file("space.yaml", nested_aliases() + "params: {adv_weight: *a8}\n")),
+        "search",
+        search(*SPACE),
+        ("{work}/space.yaml", "aliases expand to more than"),
+        write_file("space.yaml", nested_aliases() + "params: {adv_weight: *a8}\n"),
+    ),
     "config file: nested aliases": Case(
-        "search", search("--config", "{work}/run.yaml"), ("{work}/run.yaml", "aliases expand to more than"),
-        write_file("run.yaml", nested_aliases() + "distill: {levels: *a8}\n")),
+        "search",
+        search("--config", "{work}/run.yaml"),
+        ("{work}/run.yaml", "aliases expand to more than"),
+        write_file("run.yaml", nested_aliases() + "distill: {levels: *a8}\n"),
+    ),
     "override: nested aliases": Case(
-        "search", search("distill.levels=" + inline_aliases()), ("override", "distill.levels", "aliases expand")),
+        "search", search("distill.levels=" + inline_aliases()), ("override", "distill.levels", "aliases expand")
+    ),
     "config file: a recursive alias": Case(
-        "search", search("--config", "{work}/run.yaml"), ("{work}/run.yaml", "refers to the value that contains it"),
-        write_file("run.yaml", "optim: &loop {lr: *loop}\n")),
+        "search",
+        search("--config", "{work}/run.yaml"),
+        ("{work}/run.yaml", "refers to the value that contains it"),
+        write_file("run.yaml", "optim: &loop {lr: *loop}\n"),
+    ),
     "space file: deeply nested": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "nested too deeply"),
-        write_file("space.yaml", "params: " + "[" * 50_000 + "]" * 50_000 + "\n")),
+        "search",
+        search(*SPACE),
+        ("{work}/space.yaml", "nested too deeply"),
+        write_file("space.yaml", "params: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+    ),
     "config file: a 1 MB value": Case(
-        "search", search("--config", "{work}/run.yaml"), ("optim.optimizer='xxx", "must be one of"),
-        write_file("run.yaml", "optim: {optimizer: " + "x" * 1_000_000 + "}\n")),
+        "search",
+        search("--config", "{work}/run.yaml"),
+        ("optim.optimizer='xxx", "must be one of"),
+        write_file("run.yaml", "optim: {optimizer: " + "x" * 1_000_000 + "}\n"),
+    ),
     "space file: a 1 MB choice": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "params.adv_loss", "must be one of"),
-        write_file("space.yaml", "params: {adv_loss: {type: categorical, choices: [" + "y" * 1_000_000 + "]}}\n")),
+        "search",
+        search(*SPACE),
+        ("{work}/space.yaml", "params.adv_loss", "must be one of"),
+        write_file("space.yaml", "params: {adv_loss: {type: categorical, choices: [" + "y" * 1_000_000 + "]}}\n"),
+    ),
     "config file: a 1 MB key": Case(
-        "search", search("--config", "{work}/run.yaml"), ("{work}/run.yaml", "unknown key 'zzz"),
-        write_file("run.yaml", "optim:\n  ? " + "z" * 1_000_000 + "\n  : 1\n")),  # explicit: plain keys stop at 1024
+        "search",
+        search("--config", "{work}/run.yaml"),
+        ("{work}/run.yaml", "unknown key 'zzz"),
+        write_file("run.yaml", "optim:\n  ? " + "z" * 1_000_000 + "\n  : 1\n"),
+    ),  # explicit: plain keys stop at 1024
     "override: an integer of 5000 digits": Case(
-        "search", search("optim.epochs=" + "9" * 5000), ("override", "optim.epochs", "4300 digits")),
+        "search", search("optim.epochs=" + "9" * 5000), ("override", "optim.epochs", "4300 digits")
+    ),
     "space file: log 'no'": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "params.lr", "'log' must be true or false", "'no'"),
-        write_file("space.yaml", "params: {lr: {type: uniform, low: 0.001, high: 0.1, log: 'no'}}\n")),
+        "search",
+        search(*SPACE),
+        ("{work}/space.yaml", "params.lr", "'log' must be true or false", "'no'"),
+        write_file("space.yaml", "params: {lr: {type: uniform, low: 0.001, high: 0.1, log: 'no'}}\n"),
+    ),
     "space file: levels of the wrong type": Case(
-        "search", search(*SPACE), ("{work}/space.yaml", "params.levels", "not 'all' or a list of level names"),
-        write_file("space.yaml", "params: {levels: {type: categorical, choices: [all, [1, 2]]}}\n")),
+        "search",
+        search(*SPACE),
+        ("{work}/space.yaml", "params.levels", "not 'all' or a list of level names"),
+        write_file("space.yaml", "params: {levels: {type: categorical, choices: [all, [1, 2]]}}\n"),
+    ),
     "config file: keys of mixed types": Case(
-        "search", search("--config", "{work}/run.yaml"), ("{work}/run.yaml", "unknown key"),
-        write_file("run.yaml", "optim: {1: 2, zz: 3}\n")),
+        "search",
+        search("--config", "{work}/run.yaml"),
+        ("{work}/run.yaml", "unknown key"),
+        write_file("run.yaml", "optim: {1: 2, zz: 3}\n"),
+    ),
     # an unauthenticated dashboard beyond loopback: refused before Ray starts
-    **{f"dashboard on {host} without auth": Case(
-        "search", search("--dashboard-host", host), (f"--dashboard-host {host}", "RAY_AUTH_MODE=", "unauthenticated"),
-        env=(("RAY_AUTH_MODE", mode),)) for host, mode in (("0.0.0.0", "disabled"), ("::", "disabled"),
-                                                           ("192.168.1.20", "DISABLED"), ("head.example.org", "none"))},
+    **{
+        f"dashboard on {host} without auth": Case(
+            "search",
+            search("--dashboard-host", host),
+            (f"--dashboard-host {host}", "RAY_AUTH_MODE=", "unauthenticated"),
+            env=(("RAY_AUTH_MODE", mode),),
+        )
+        for host, mode in (
+            ("0.0.0.0", "disabled"),
+            ("::", "disabled"),
+            ("192.168.1.20", "DISABLED"),
+            ("head.example.org", "none"),
+        )
+    },
 }
 
 
@@ -455,9 +647,9 @@ CASES: dict[str, Case] = {
 def inputs(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Valid and broken files the cases point at (paths as strings, for ``str.format``)."""
     from gankd_ray.config import RunConfig
+    from gankd_ray.export import export_model
     from gankd_ray.models import build_detector
     from gankd_ray.train.checkpoint import model_payload, save_torch
-    from gankd_ray.export import export_model
 
     root = tmp_path_factory.mktemp("bad_input_files")
     cfg = RunConfig().with_overrides(["detector.backbone=mobilenet_v2_0.35"])
@@ -475,8 +667,14 @@ def inputs(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     (three_classes / "dataset.json").write_text(json.dumps(info))
     export = export_model(teacher, root / "export", {"trial_id": "t1"})
     image = next((Path(synthetic_data) / "images" / "test").iterdir())
-    return {"data": synthetic_data, "teacher": str(teacher), "mismatched": str(mismatched),
-            "three_classes": str(three_classes), "export": str(export), "image": str(image)}
+    return {
+        "data": synthetic_data,
+        "teacher": str(teacher),
+        "mismatched": str(mismatched),
+        "three_classes": str(three_classes),
+        "export": str(export),
+        "image": str(image),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,8 +707,14 @@ def run_cli(cli: str, args: list[str], cwd: Path, timeout: float = 120, env: dic
     time and peak memory."""
     command = [sys.executable, str(CLIS[cli]), *args]
     started = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     killer = threading.Timer(timeout, proc.kill)
     killer.start()
     try:
@@ -544,8 +748,11 @@ def start_case(case: Case, work: Path, inputs: dict[str, str]) -> Callable[[], O
 @pytest.fixture(scope="module")
 def outcomes(request: pytest.FixtureRequest, inputs: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """The selected cases, started together at most ``PARALLEL`` at a time: name -> Future[Outcome]."""
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})]
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})
+    ]
     root = tmp_path_factory.mktemp("bad_input_runs")
     pool = ThreadPoolExecutor(max_workers=PARALLEL)
     futures: dict[str, Future] = {}
@@ -608,8 +815,9 @@ def tmpfs(tmp_path: Path):
     def mount(size: str) -> Path:
         folder = tmp_path / f"tmpfs{len(mounted)}"
         folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounted.append(folder)
@@ -648,9 +856,25 @@ def test_storage_filling_up_during_training_ends_with_a_clear_error(synthetic_da
     """Room for the run's small files but not for its first checkpoint: Ray's worker error becomes one
     closing ``error:`` line naming the storage, exit 4, instead of a traceback (or a hang)."""
     small = tmpfs("256k")
-    args = ["--role", "student", "--data", synthetic_data, "--epochs", "1", "--workers", "1", "--max-failures", "0",
-            "--storage", str(small / "runs"), "--name", "full", "detector.backbone=mobilenet_v2_0.35",
-            "optim.batch_size=8", "data.loader_workers=0"]
+    args = [
+        "--role",
+        "student",
+        "--data",
+        synthetic_data,
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        "--max-failures",
+        "0",
+        "--storage",
+        str(small / "runs"),
+        "--name",
+        "full",
+        "detector.backbone=mobilenet_v2_0.35",
+        "optim.batch_size=8",
+        "data.loader_workers=0",
+    ]
     proc = run_cli("train", args, tmp_path, timeout=600).proc
     assert proc.returncode == EXIT_STORAGE_FULL, (proc.returncode, proc.stderr[-3000:])
     last = proc.stderr.strip().splitlines()[-1]  # after Ray's forwarded worker tracebacks
@@ -695,8 +919,9 @@ def hostile_model(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     shutil.copytree(inputs["export"], model)
     script = root / "make_hostile.py"  # a file: torch.jit.script reads the module's source
     script.write_text(HOSTILE_SCRIPT)
-    subprocess.run([sys.executable, str(script), str(target), str(model / "student.ts")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), str(target), str(model / "student.ts")], check=True, capture_output=True
+    )
     return model, target
 
 
@@ -704,8 +929,10 @@ def hostile_model(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFacto
 def test_a_hostile_student_ts_does_not_run_under_the_defaults(cli: str, hostile_model, inputs, tmp_path) -> None:
     model, target = hostile_model
     target.unlink(missing_ok=True)
-    args = {"predict": ["--images", inputs["image"], "--out", str(tmp_path / "predictions")],
-            "evaluate": ["--data", inputs["data"]]}[cli]
+    args = {
+        "predict": ["--images", inputs["image"], "--out", str(tmp_path / "predictions")],
+        "evaluate": ["--data", inputs["data"]],
+    }[cli]
     run = run_cli(cli, ["--model", str(model), *args], tmp_path)
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     assert not target.exists(), f"{cli} ran student.ts without --torchscript"
@@ -721,8 +948,9 @@ def test_a_hostile_student_ts_does_not_run_under_the_defaults(cli: str, hostile_
 def test_relative_input_paths_prepare_like_absolute_ones(tmp_path: Path) -> None:
     """The README's ``--annotations instances.json`` form: paths relative to the working folder."""
     (tmp_path / "instances.json").write_text(json.dumps(coco_input(tmp_path)))
-    run = run_cli("prepare_data", ["coco", "--images", "images", "--annotations", "instances.json", "--out", "out"],
-                  tmp_path)
+    run = run_cli(
+        "prepare_data", ["coco", "--images", "images", "--annotations", "instances.json", "--out", "out"], tmp_path
+    )
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     split_files = ["coco", "--images", "images", "--train-annotations", "instances.json", "--out", "split"]
     assert run_cli("prepare_data", split_files, tmp_path).proc.returncode == 0
@@ -762,10 +990,27 @@ def test_a_replaced_dataset_left_in_the_trash_by_a_killed_run_is_put_back(tmp_pa
 
 
 def test_sigterm_during_prepare_leaves_no_staging_folder(tmp_path: Path) -> None:
-    args = [sys.executable, str(CLIS["prepare_data"]), "synthetic", "--out", str(tmp_path / "big"),
-            "--num-train", "20000", "--num-val", "10", "--num-test", "10"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    args = [
+        sys.executable,
+        str(CLIS["prepare_data"]),
+        "synthetic",
+        "--out",
+        str(tmp_path / "big"),
+        "--num-train",
+        "20000",
+        "--num-val",
+        "10",
+        "--num-test",
+        "10",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     deadline = time.monotonic() + MAX_WALL_SECONDS
     while not list(tmp_path.glob(".big.*.partial/images")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -801,20 +1046,55 @@ def test_the_dashboard_rule_and_its_override(monkeypatch, capsys) -> None:
 
 S3_CASES = {
     # name: (--data, --teacher, --storage, env changes, words of the error line)
-    "unreachable-endpoint": ("{s3data}", None, "{s3runs}", {"AWS_ENDPOINT_URL": "http://127.0.0.1:{closed}"},
-                             ["--data", "{s3data}", "cannot reach the storage endpoint", "127.0.0.1:{closed}"]),
-    "missing-bucket": ("s3://no-such-bucket/data", None, "{s3runs}", {},
-                       ["--data", "s3://no-such-bucket/data", "the bucket does not exist"]),
-    "invalid-credentials": ("{s3data}", None, "{s3runs}", {"AWS_SECRET_ACCESS_KEY": "wrong"},
-                            ["--data", "{s3data}", "access denied"]),
-    "missing-dataset-key": ("s3://gankd/no/dataset", None, "{s3runs}", {},
-                            ["--data", "s3://gankd/no/dataset/dataset.json", "file not found"]),
-    "missing-teacher-key": ("{s3data}", "s3://gankd/no/teacher", "{s3runs}", {},
-                            ["--teacher", "s3://gankd/no/teacher", "checkpoint not found"]),
-    "storage-not-writable": ("{s3data}", None, "{s3runs}", "read_only",
-                             ["--storage", "{s3runs}", "not writable", "access denied"]),
-    "storage-bucket-missing": ("{s3data}", None, "s3://no-such-bucket/runs", {},
-                               ["--storage", "s3://no-such-bucket/runs", "not writable", "the bucket does not exist"]),
+    "unreachable-endpoint": (
+        "{s3data}",
+        None,
+        "{s3runs}",
+        {"AWS_ENDPOINT_URL": "http://127.0.0.1:{closed}"},
+        ["--data", "{s3data}", "cannot reach the storage endpoint", "127.0.0.1:{closed}"],
+    ),
+    "missing-bucket": (
+        "s3://no-such-bucket/data",
+        None,
+        "{s3runs}",
+        {},
+        ["--data", "s3://no-such-bucket/data", "the bucket does not exist"],
+    ),
+    "invalid-credentials": (
+        "{s3data}",
+        None,
+        "{s3runs}",
+        {"AWS_SECRET_ACCESS_KEY": "wrong"},
+        ["--data", "{s3data}", "access denied"],
+    ),
+    "missing-dataset-key": (
+        "s3://gankd/no/dataset",
+        None,
+        "{s3runs}",
+        {},
+        ["--data", "s3://gankd/no/dataset/dataset.json", "file not found"],
+    ),
+    "missing-teacher-key": (
+        "{s3data}",
+        "s3://gankd/no/teacher",
+        "{s3runs}",
+        {},
+        ["--teacher", "s3://gankd/no/teacher", "checkpoint not found"],
+    ),
+    "storage-not-writable": (
+        "{s3data}",
+        None,
+        "{s3runs}",
+        "read_only",
+        ["--storage", "{s3runs}", "not writable", "access denied"],
+    ),
+    "storage-bucket-missing": (
+        "{s3data}",
+        None,
+        "s3://no-such-bucket/runs",
+        {},
+        ["--storage", "s3://no-such-bucket/runs", "not writable", "the bucket does not exist"],
+    ),
 }
 
 
@@ -828,20 +1108,30 @@ def s3_dataset(s3, synthetic_data: str) -> str:
 # Both CLIs share the checks (train.resolve_job): every case through the search, the main ones through train.
 # (The parameter is not called "case": the catalogue's `outcomes` fixture collects every "case" parameter.)
 S3_CLI_CASES = [("search", name) for name in S3_CASES] + [
-    ("train", name) for name in ("unreachable-endpoint", "missing-teacher-key", "storage-not-writable")]
+    ("train", name) for name in ("unreachable-endpoint", "missing-teacher-key", "storage-not-writable")
+]
 
 
 @pytest.mark.parametrize("cli, s3_case", S3_CLI_CASES)
-def test_bad_object_storage_is_refused_before_ray(s3_case: str, cli: str, s3, s3_dataset: str, inputs,
-                                                  tmp_path: Path, monkeypatch) -> None:
+def test_bad_object_storage_is_refused_before_ray(
+    s3_case: str, cli: str, s3, s3_dataset: str, inputs, tmp_path: Path, monkeypatch
+) -> None:
     from conftest import free_port
 
     data, teacher, runs, env, words = S3_CASES[s3_case]
     values = {"s3data": s3_dataset, "s3runs": f"s3://gankd/bad-input/runs-{cli}", "closed": str(free_port())}
     for key, value in (s3["read_only"] if env == "read_only" else env).items():
         monkeypatch.setenv(key, value.format(**values))
-    args = ["--data", data.format(**values), "--storage", runs.format(**values), "--name", "bad",
-            "--teacher", (teacher or inputs["teacher"]).format(**values)]
+    args = [
+        "--data",
+        data.format(**values),
+        "--storage",
+        runs.format(**values),
+        "--name",
+        "bad",
+        "--teacher",
+        (teacher or inputs["teacher"]).format(**values),
+    ]
     args += ["--role", "gankd", "--epochs", "1"] if cli == "train" else []
     run = run_cli(cli, args, tmp_path)
     assert_refused(run.proc, [word.format(**values) for word in words])

@@ -145,8 +145,11 @@ def test_entry_exits_with_the_status_of_run(monkeypatch) -> None:
 
 def thin_script_shape(name: str) -> list[str]:
     """What a thin launch script holds besides its docstring, statement by statement."""
-    return ["import sys", f"from gankd_ray.cli import run, {name}",
-            f"if __name__ == '__main__':\n    sys.exit(run({name}.main))"]
+    return [
+        "import sys",
+        f"from gankd_ray.cli import run, {name}",
+        f"if __name__ == '__main__':\n    sys.exit(run({name}.main))",
+    ]
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "launch").glob("*.py")), ids=lambda path: path.stem)
@@ -162,7 +165,13 @@ def test_every_launch_script_is_thin(script: Path) -> None:
 
 @pytest.mark.parametrize("name", OWN_COMMANDS)
 def test_launch_scripts_answer_help_from_any_directory(name: str, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / f"{name}.py"), "--help"], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / f"{name}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith(f"usage: {name}.py")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import read_trials_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +26,12 @@ FAST = ["optim.batch_size=8", "data.loader_workers=0", "detector.backbone=mobile
 # Ray's token authentication stays on: every ray CLI client and joining node presents ~/.ray/auth_token.
 # The nodes' workers import gankd_ray from this checkout (as a cluster's nodes import the installed package),
 # not from wherever the virtualenv's editable install points.
-ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+ENV = {
+    **os.environ,
+    "RAY_AUTH_MODE": "token",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 # A --smoke search on two 1-CPU raylets took 2.5 min here (3.3 min with the cluster); a leaked CPU makes it hang.
 SMOKE_SEARCH_TIMEOUT_S = 480
 
@@ -65,12 +68,18 @@ def _two_raylets(log_dir: Path, *head_options: str):
     the second raylet's process once both are up, and stops every Ray process of the machine after."""
     _ray("get-auth-token", "--generate")  # ray start needs ~/.ray/auth_token; a fresh machine has none
     gcs = f"127.0.0.1:{_free_port()}"
-    head = _ray("start", "--head", "--port", gcs.split(":")[1], "--num-cpus", "1", "--disable-usage-stats",
-                *head_options)
+    head = _ray(
+        "start", "--head", "--port", gcs.split(":")[1], "--num-cpus", "1", "--disable-usage-stats", *head_options
+    )
     assert head.returncode == 0, head.stderr[-2000:]
     log = open(log_dir / "raylet.log", "w")
-    worker = subprocess.Popen([RAY, "start", "--address", gcs, "--num-cpus", "1", "--block"],
-                              stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    worker = subprocess.Popen(
+        [RAY, "start", "--address", gcs, "--num-cpus", "1", "--block"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=ENV,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 90
         while _alive_node_count(gcs) < 2:
@@ -89,8 +98,9 @@ def _two_raylets(log_dir: Path, *head_options: str):
 def two_node_cluster(tmp_path_factory):
     """Two raylets, the head's dashboard on 127.0.0.1 (where the search is submitted as a Ray Job)."""
     dashboard_port = _free_port()
-    with _two_raylets(tmp_path_factory.mktemp("node2"), "--dashboard-host", "127.0.0.1",
-                      "--dashboard-port", str(dashboard_port)) as (_, worker):
+    with _two_raylets(
+        tmp_path_factory.mktemp("node2"), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)
+    ) as (_, worker):
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         second = next(n["node_id"] for n in _nodes(dashboard) if not n["is_head_node"])
         yield {"dashboard": dashboard, "worker": worker, "second_node": second[:12]}
@@ -118,15 +128,38 @@ def _wait_for_trial_mid_run_on(job: subprocess.Popen, trials_dir: Path, node: st
     raise AssertionError(f"no trial mid-run on {node}: job {job.poll()}, {_brief(read_trials_metrics(trials_dir))}")
 
 
-def test_search_job_spreads_over_nodes_and_survives_losing_one(two_node_cluster, synthetic_data,
-                                                               untrained_teacher, tmp_path):
+def test_search_job_spreads_over_nodes_and_survives_losing_one(
+    two_node_cluster, synthetic_data, untrained_teacher, tmp_path
+):
     storage = tmp_path / "runs"
-    search = [sys.executable, str(ROOT / "launch" / "search.py"), "--address", "auto", "--data", synthetic_data,
-              "--storage", str(storage), "--name", "cluster", "--teacher", untrained_teacher, "--num-samples", "4",
-              "--max-epochs", "3", "--grace-period", "3", *FAST]
+    search = [
+        sys.executable,
+        str(ROOT / "launch" / "search.py"),
+        "--address",
+        "auto",
+        "--data",
+        synthetic_data,
+        "--storage",
+        str(storage),
+        "--name",
+        "cluster",
+        "--teacher",
+        untrained_teacher,
+        "--num-samples",
+        "4",
+        "--max-epochs",
+        "3",
+        "--grace-period",
+        "3",
+        *FAST,
+    ]
     with open(tmp_path / "job.log", "w") as log:
-        job = subprocess.Popen([RAY, "job", "submit", "--address", two_node_cluster["dashboard"], "--", *search],
-                               stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        job = subprocess.Popen(
+            [RAY, "job", "submit", "--address", two_node_cluster["dashboard"], "--", *search],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )
         _wait_for_trial_mid_run_on(job, storage / "cluster" / "trials", two_node_cluster["second_node"], 420)
         os.killpg(two_node_cluster["worker"].pid, signal.SIGKILL)  # the node crashes: raylet and its workers
         job.wait(timeout=600)
@@ -136,7 +169,7 @@ def test_search_job_spreads_over_nodes_and_survives_losing_one(two_node_cluster,
     assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status", "error"]]
     logs = read_trials_metrics(storage / "cluster" / "trials")
     # The trial running on the lost node finished on the head, every epoch reported once.
-    for trial_id, records in logs.items():
+    for records in logs.values():
         assert [r["epoch"] for r in records] == [1, 2, 3], _brief(logs)
     second = two_node_cluster["second_node"]
     moved = [t for t, r in logs.items() if r[0]["node"] == second != r[-1]["node"]]
@@ -147,16 +180,30 @@ def test_search_job_spreads_over_nodes_and_survives_losing_one(two_node_cluster,
     assert nodes[moved[0]] == f"{second},{logs[moved[0]][-1]['node']}", nodes
 
 
-def test_smoke_search_on_a_cluster_without_dashboard(cluster_without_dashboard, synthetic_data, untrained_teacher,
-                                                     tmp_path):
+def test_smoke_search_on_a_cluster_without_dashboard(
+    cluster_without_dashboard, synthetic_data, untrained_teacher, tmp_path
+):
     """Every trial ASHA stops is a killed trial driver, so a dead Train controller whose workers' placement
     group Ray frees only when the whole job ends. Ray Train's own cleaner asks the dashboard's State API
     whether the controller died; without a dashboard only gankd-ray's reaper frees the CPU, and without it
     the next trials waited for workers forever (Train retries a worker start-up timeout without limit)."""
     storage = tmp_path / "runs"
-    search = [sys.executable, str(ROOT / "launch" / "search.py"), "--address", cluster_without_dashboard,
-              "--smoke", "--data", synthetic_data, "--storage", str(storage), "--name", "nodash",
-              "--teacher", untrained_teacher, *FAST]
+    search = [
+        sys.executable,
+        str(ROOT / "launch" / "search.py"),
+        "--address",
+        cluster_without_dashboard,
+        "--smoke",
+        "--data",
+        synthetic_data,
+        "--storage",
+        str(storage),
+        "--name",
+        "nodash",
+        "--teacher",
+        untrained_teacher,
+        *FAST,
+    ]
     with open(tmp_path / "search.log", "w") as log:
         proc = subprocess.Popen(search, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=tmp_path)
         try:

@@ -108,8 +108,14 @@ def test_too_few_rows_for_one_batch_per_rank_is_an_error(synthetic_data: str) ->
 def _loader_for(config: DataConfig, train: bool) -> DetectionBatchLoader:
     """The train or val loader a ``DataConfig`` describes, as the training loop builds it."""
     return DetectionBatchLoader.from_dataset(
-        config.path, config.train_split if train else config.val_split, S, B, train=train,
-        hflip=config.hflip and train, jitter=config.jitter if train else 0.0, num_workers=config.loader_workers,
+        config.path,
+        config.train_split if train else config.val_split,
+        S,
+        B,
+        train=train,
+        hflip=config.hflip and train,
+        jitter=config.jitter if train else 0.0,
+        num_workers=config.loader_workers,
     )
 
 

@@ -96,9 +96,20 @@ def test_colour_does_not_identify_the_class(synthetic_data: str) -> None:
 
 def test_the_cli_writes_what_the_library_writes(tmp_path: Path) -> None:
     spec = SyntheticSpec(
-        seed=5, image_size=96, num_train=4, num_val=2, num_test=2, min_objects=2, max_objects=4,
-        min_object_px=20.0, max_object_px=60.0, min_distractors=1, max_distractors=2, min_lines=0,
-        max_lines=1, background_contrast=0.5,
+        seed=5,
+        image_size=96,
+        num_train=4,
+        num_val=2,
+        num_test=2,
+        min_objects=2,
+        max_objects=4,
+        min_object_px=20.0,
+        max_object_px=60.0,
+        min_distractors=1,
+        max_distractors=2,
+        min_lines=0,
+        max_lines=1,
+        background_contrast=0.5,
     )
     library = make_synthetic_dataset(tmp_path / "library", spec, rows_per_shard=256)
     done = subprocess.run(
@@ -126,7 +137,9 @@ def test_the_cli_writes_what_the_library_writes(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1].startswith(f"prepared synthetic at {tmp_path / 'cli'}: 5 classes; train 4 images")
+    assert done.stdout.splitlines()[-1].startswith(
+        f"prepared synthetic at {tmp_path / 'cli'}: 5 classes; train 4 images"
+    )
     assert _data_files(tmp_path / "cli") == _data_files(library)
 
 

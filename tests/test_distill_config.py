@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import paper_recipe
 
 from gankd_ray.config import (
     ConfigError,
@@ -14,7 +15,6 @@ from gankd_ray.config import (
     OptimConfig,
     RunConfig,
 )
-from conftest import paper_recipe
 
 
 def _non_default_config() -> RunConfig:
@@ -26,9 +26,21 @@ def _non_default_config() -> RunConfig:
         detector=DetectorConfig(backbone="mobilenet_v2", num_classes=3, image_size=192),
         teacher=DetectorConfig(backbone="resnet50", num_classes=3, image_size=256, weights="/w/r50.pt"),
         distill=DistillConfig(
-            levels=["level0", "level2"], head_mode="teacher", finetune_teacher_head=True, adv_loss="wgan-gp",
-            adv_weight=0.5, adv_warmup_epochs=1.5, feat_weight=0.25, gp_weight=5.0, n_critic=3, lr_ratio=2.0,
-            match_activation=False, standardize=True, instance_noise=0.2, instance_noise_epochs=3.0, r1_weight=5.0,
+            levels=["level0", "level2"],
+            head_mode="teacher",
+            finetune_teacher_head=True,
+            adv_loss="wgan-gp",
+            adv_weight=0.5,
+            adv_warmup_epochs=1.5,
+            feat_weight=0.25,
+            gp_weight=5.0,
+            n_critic=3,
+            lr_ratio=2.0,
+            match_activation=False,
+            standardize=True,
+            instance_noise=0.2,
+            instance_noise_epochs=3.0,
+            r1_weight=5.0,
             update="alternating",
         ),
         discriminator=DiscriminatorConfig(depth=3, width=32, norm="instance", output="strided"),
@@ -48,8 +60,14 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
 
 def test_overrides_parse_by_declared_type() -> None:
     cfg = RunConfig().with_overrides(
-        ["distill.adv_weight=1", "optim.lr=1e-3", "distill.levels=[level1, level3]", "optim.bf16=true",
-         "teacher.backbone=resnet18", "discriminator.depth=4.0"]
+        [
+            "distill.adv_weight=1",
+            "optim.lr=1e-3",
+            "distill.levels=[level1, level3]",
+            "optim.bf16=true",
+            "teacher.backbone=resnet18",
+            "discriminator.depth=4.0",
+        ]
     )
     assert cfg.distill.adv_weight == 1.0 and isinstance(cfg.distill.adv_weight, float)
     assert cfg.optim.lr == pytest.approx(1e-3)  # YAML 1.1 reads "1e-3" as a string
@@ -108,6 +126,11 @@ def test_paper_recipe() -> None:
     recipe = cfg.distill
     recipe.validate()
     assert (recipe.adv_loss, recipe.clip, recipe.levels, recipe.lr_ratio, recipe.adv_weight, recipe.head_mode) == (
-        "wgan", 0.03, [], 1.0, 1.0, "teacher"
+        "wgan",
+        0.03,
+        [],
+        1.0,
+        1.0,
+        "teacher",
     )
     assert RunConfig.from_dict(cfg.to_dict()).distill == recipe

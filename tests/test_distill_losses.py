@@ -181,7 +181,7 @@ def test_strided_discriminator_strides_down_to_one_score(norm: str) -> None:
     for size, depth, blocks in ((20, 1, 5), (5, 1, 3), (2, 1, 1), (1, 2, 2), (20, 6, 6)):
         disc = LevelDiscriminator(6, depth=depth, width=8, norm=norm, output="strided", input_size=(size, size))
         maps: list[torch.Tensor] = []
-        disc.score.register_forward_hook(lambda module, args, out: maps.append(out))
+        disc.score.register_forward_hook(lambda module, args, out, maps=maps: maps.append(out))
         assert disc.depth == blocks, (size, depth)
         assert disc(torch.randn(2, 6, size, size)).shape == (2, 1)
         assert maps[-1].shape == (2, 1, 1, 1)  # the score is the 1x1 map itself, nothing averaged
@@ -253,8 +253,11 @@ def test_tap_activations_are_read_from_the_backbone(backbone: str) -> None:
 
 def test_adapter_applies_its_activation_before_the_resize() -> None:
     adapters = build_adapters(
-        ["level0", "level1"], {"level0": 4, "level1": 4}, {"level0": 6, "level1": 6},
-        {"level0": (3, 3), "level1": (3, 3)}, {"level0": nn.ReLU6(), "level1": nn.Identity()},
+        ["level0", "level1"],
+        {"level0": 4, "level1": 4},
+        {"level0": 6, "level1": 6},
+        {"level0": (3, 3), "level1": (3, 3)},
+        {"level0": nn.ReLU6(), "level1": nn.Identity()},
     ).train()
     x = 10 * torch.randn(8, 4, 7, 7)
     post_relu6, linear = adapters["level0"](x), adapters["level1"](x)

@@ -39,7 +39,11 @@ def test_paper_trial_config_has_the_published_values(tmp_path: Path) -> None:
     cfg = paper_trial_config(tmp_path)
     distill, optim, disc = cfg.distill, cfg.optim, cfg.discriminator
     assert (cfg.role, distill.adv_loss, distill.clip, distill.adv_weight, distill.adv_warmup_epochs) == (
-        "gankd", "wgan", 0.03, 1.0, 0.0
+        "gankd",
+        "wgan",
+        0.03,
+        1.0,
+        0.0,
     )
     assert (distill.levels, distill.head_mode, distill.feat_weight, distill.n_critic) == ([], "teacher", 0.0, 1)
     # lr_D = lr_G = 5e-4, Adam with beta1 0.5 for the critics AND the student, weight decay 5e-4.
@@ -47,7 +51,10 @@ def test_paper_trial_config_has_the_published_values(tmp_path: Path) -> None:
     assert optim.betas == (0.5, 0.999) and optim.disc_betas == (0.5, 0.999)
     assert (disc.output, disc.norm) == ("strided", "none")
     assert (distill.instance_noise, distill.r1_weight, distill.standardize, distill.update) == (
-        0.0, 0.0, False, "simultaneous"
+        0.0,
+        0.0,
+        False,
+        "simultaneous",
     )
 
 

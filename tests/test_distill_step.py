@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import paper_recipe
 from torch import nn
 
-from conftest import paper_recipe
 from gankd_ray.config import ConfigError, DetectorConfig, DistillConfig, OptimConfig, RunConfig
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.distill import (

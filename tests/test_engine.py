@@ -10,8 +10,18 @@ import pytest
 
 from gankd_ray.config import RunConfig
 from gankd_ray.eval import STAT_NAMES
-from gankd_ray.records import (QUALITY_KEYS, EpochRecord, RecordLog, RunContext, Status, Throughput, best_record,
-                               read_metrics, read_records, summarize)
+from gankd_ray.records import (
+    QUALITY_KEYS,
+    EpochRecord,
+    RecordLog,
+    RunContext,
+    Status,
+    Throughput,
+    best_record,
+    read_metrics,
+    read_records,
+    summarize,
+)
 from gankd_ray.train.engine import LocalRuntime, fit
 from gankd_ray.train.spec import Resources, TrainJob, resolve_job
 
@@ -20,8 +30,15 @@ TINY = ["detector.backbone=mobilenet_v2_0.35", "optim.batch_size=8", "data.loade
 
 def _job(data: str, tmp_path, epochs: int, role: str = "student", teacher: str | None = None) -> TrainJob:
     config = RunConfig().with_overrides([*TINY, f"role={role}", f"optim.epochs={epochs}", f"data.path={data}"])
-    return resolve_job(TrainJob(config=config, storage=str(tmp_path / "runs"), name="local", teacher=teacher,
-                                resources=Resources(cpus_per_worker=1)))
+    return resolve_job(
+        TrainJob(
+            config=config,
+            storage=str(tmp_path / "runs"),
+            name="local",
+            teacher=teacher,
+            resources=Resources(cpus_per_worker=1),
+        )
+    )
 
 
 def test_fit_in_a_plain_process_then_resumes_from_its_checkpoint(synthetic_data, tmp_path):
@@ -58,9 +75,17 @@ def test_gankd_fit_reports_distillation_terms(synthetic_data, untrained_teacher,
 
 
 def test_record_flat_form_round_trips_and_drops_non_finite():
-    record = EpochRecord(epoch=2, epochs=4, status=Status.DIVERGED, quality={"map": 0.0, "ap50": 0.0},
-                         terms={"loss/total": float("nan"), "lr": 1e-3}, throughput=Throughput(world_size=2),
-                         best_map=0.1, best_epoch=1, context=RunContext(trial_id="abc_00001", trial_started=1.5))
+    record = EpochRecord(
+        epoch=2,
+        epochs=4,
+        status=Status.DIVERGED,
+        quality={"map": 0.0, "ap50": 0.0},
+        terms={"loss/total": float("nan"), "lr": 1e-3},
+        throughput=Throughput(world_size=2),
+        best_map=0.1,
+        best_epoch=1,
+        context=RunContext(trial_id="abc_00001", trial_started=1.5),
+    )
     flat = record.to_dict()
     assert flat["status"] == "diverged" and flat["trial_id"] == "abc_00001" and flat["world_size"] == 2
     assert "loss/total" not in flat and "checkpoint" not in flat, "non-finite and unset fields are left out"
@@ -73,8 +98,9 @@ def test_record_flat_form_round_trips_and_drops_non_finite():
 
 def test_record_log_replaces_epochs_a_resumed_run_reports_again(tmp_path):
     def record(epoch: int, map_: float, status: Status = Status.RUNNING) -> EpochRecord:
-        return EpochRecord(epoch=epoch, epochs=3, status=status, quality={"map": map_, "ap50": map_},
-                           checkpoint=f"ckpt{epoch}")
+        return EpochRecord(
+            epoch=epoch, epochs=3, status=status, quality={"map": map_, "ap50": map_}, checkpoint=f"ckpt{epoch}"
+        )
 
     RecordLog(str(tmp_path)).add(record(1, 0.2))
     RecordLog(str(tmp_path)).add(record(2, 0.1))
@@ -86,11 +112,17 @@ def test_record_log_replaces_epochs_a_resumed_run_reports_again(tmp_path):
     assert best_record(records).checkpoint == "ckpt3", "ties go to the later epoch (the checkpoint Ray keeps)"
     summary = summarize(str(tmp_path))
     assert (summary.status, summary.epochs_done, summary.best_map, summary.checkpoint) == (
-        Status.COMPLETED, 3, 0.3, "ckpt3")
+        Status.COMPLETED,
+        3,
+        0.3,
+        "ckpt3",
+    )
     assert summarize(str(tmp_path / "absent")).status is Status.ERROR
 
 
-@pytest.mark.parametrize("status, ended", [(Status.RUNNING, False), (Status.COMPLETED, True),
-                                           (Status.DIVERGED, True), (Status.STOPPED_EARLY, False)])
+@pytest.mark.parametrize(
+    "status, ended",
+    [(Status.RUNNING, False), (Status.COMPLETED, True), (Status.DIVERGED, True), (Status.STOPPED_EARLY, False)],
+)
 def test_status_is_the_plain_word(status, ended):
     assert status == status.value and str(status) == status.value and status.ended is ended

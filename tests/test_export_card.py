@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from gankd_ray.records import EpochRecord
-
 from gankd_ray.export.card import REFERENCE_KEYS, model_card, trial_card
 from gankd_ray.export.trial import hyperparameter_columns
+from gankd_ray.records import EpochRecord
 from gankd_ray.tune import results as res
 
 SPACE_KEYS = ["adv_weight", "levels"]
@@ -15,11 +14,17 @@ SPACE_KEYS = ["adv_weight", "levels"]
 
 def _trials() -> pd.DataFrame:
     """A trials.parquet table as the search writes it (``results.trial_row``), two trials."""
-    records = [EpochRecord.from_dict(flat) for flat in (
-        {"epoch": 1, "epochs": 2, "map": 0.2, "ap50": 0.4, "checkpoint": "/c/1", "status": "running"},
-        {"epoch": 2, "epochs": 2, "map": 0.3, "ap50": 0.5, "checkpoint": "/c/2", "status": "completed"})]
-    rows = [res.trial_row("t1", {"adv_weight": 0.1, "levels": "all"}, records, None, 2, SPACE_KEYS),
-            res.trial_row("t2", {"adv_weight": 1.0, "levels": "level0"}, records[:1], None, 2, SPACE_KEYS)]
+    records = [
+        EpochRecord.from_dict(flat)
+        for flat in (
+            {"epoch": 1, "epochs": 2, "map": 0.2, "ap50": 0.4, "checkpoint": "/c/1", "status": "running"},
+            {"epoch": 2, "epochs": 2, "map": 0.3, "ap50": 0.5, "checkpoint": "/c/2", "status": "completed"},
+        )
+    ]
+    rows = [
+        res.trial_row("t1", {"adv_weight": 0.1, "levels": "all"}, records, None, 2, SPACE_KEYS),
+        res.trial_row("t2", {"adv_weight": 1.0, "levels": "level0"}, records[:1], None, 2, SPACE_KEYS),
+    ]
     return pd.DataFrame(rows)
 
 
@@ -33,9 +38,15 @@ def test_the_search_and_gankd_export_build_the_same_card() -> None:
     from_export = trial_card(best, hyperparameter_columns(list(trials.columns)), references)
     assert from_search == from_export
     assert from_search == {
-        "trial_id": "t1", "hyperparameters": {"adv_weight": 0.1, "levels": "all"}, "val_map": 0.3,
-        "val_ap50": 0.5, "best_epoch": 2, "status": "completed", "teacher": "/runs/teacher/best",
-        "baseline_val_map": 0.25, "teacher_val_map": 0.5,
+        "trial_id": "t1",
+        "hyperparameters": {"adv_weight": 0.1, "levels": "all"},
+        "val_map": 0.3,
+        "val_ap50": 0.5,
+        "best_epoch": 2,
+        "status": "completed",
+        "teacher": "/runs/teacher/best",
+        "baseline_val_map": 0.25,
+        "teacher_val_map": 0.5,
     }
     without = trial_card(best, SPACE_KEYS)
     assert not set(REFERENCE_KEYS) & set(without), "unknown references are absent, not None"

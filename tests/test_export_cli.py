@@ -17,15 +17,17 @@ import pandas as pd
 import pytest
 import torch
 
+from gankd_ray.cli import evaluate as evaluate_cli
+from gankd_ray.cli import export as export_cli
+from gankd_ray.cli import predict as predict_cli
+from gankd_ray.cli import run
 from gankd_ray.config import DataConfig, DetectorConfig, OptimConfig, RunConfig
 from gankd_ray.data import read_dataset_info
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.distill import build_step
 from gankd_ray.eval import coco_results, evaluate_coco, load_coco
-from gankd_ray.train.checkpoint import load_torch, model_payload, save_torch
-from gankd_ray.train.checkpoint import load_detector
-from gankd_ray.cli import evaluate as evaluate_cli, export as export_cli, predict as predict_cli, run
 from gankd_ray.export import ExportError, export_model
+from gankd_ray.train.checkpoint import load_detector, load_torch, model_payload, save_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 160
@@ -129,16 +131,26 @@ def trained(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("export")
     checkpoint = root / "experiment" / "trials" / "t1" / "checkpoint_000001"
     save_torch(model_payload(step.export_detector(), cfg), checkpoint / "model.pt")
-    export = Path(export_model(checkpoint / "model.pt", root / "best", {"trial_id": "t1", "val_map": val_metrics["map"]}))
-    return {"root": root, "checkpoint": checkpoint, "export": export, "val": val_metrics, "data": synthetic_data,
-            "classes": classes}
+    export = Path(
+        export_model(checkpoint / "model.pt", root / "best", {"trial_id": "t1", "val_map": val_metrics["map"]})
+    )
+    return {
+        "root": root,
+        "checkpoint": checkpoint,
+        "export": export,
+        "val": val_metrics,
+        "data": synthetic_data,
+        "classes": classes,
+    }
 
 
 def test_exported_files_load_in_a_fresh_process(trained):
     export = trained["export"]
     assert sorted(p.name for p in export.iterdir()) == ["card.json", "student.onnx", "student.pt", "student.ts"]
     payload = torch.load(export / "student.pt", map_location="cpu", weights_only=True)
-    assert payload["format"] == "gankd-ray-model" and payload["config"]["detector"]["num_classes"] == len(trained["classes"])
+    assert payload["format"] == "gankd-ray-model" and payload["config"]["detector"]["num_classes"] == len(
+        trained["classes"]
+    )
     script = (
         "import sys, torch\n"
         "import torchvision  # registers torchvision's ops (nms, box_iou) that the script calls\n"
@@ -157,8 +169,15 @@ def test_exported_files_load_in_a_fresh_process(trained):
 def test_evaluate_matches_the_training_loops_val_figure(trained):
     assert trained["val"]["num_detections"] > 0
     proc = _run(
-        "launch/evaluate.py", "--model", str(trained["export"]), "--data", trained["data"], "--split", "val",
-        "--batch-size", "8",  # the fixture's batches: batch size changes conv kernels, hence float order
+        "launch/evaluate.py",
+        "--model",
+        str(trained["export"]),
+        "--data",
+        trained["data"],
+        "--split",
+        "val",
+        "--batch-size",
+        "8",  # the fixture's batches: batch size changes conv kernels, hence float order
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -172,7 +191,10 @@ def test_evaluate_matches_the_training_loops_val_figure(trained):
 
 def test_evaluate_torchscript_is_close(trained, capsys):
     evaluate = _command("evaluate")
-    assert evaluate.main(["--model", str(trained["export"]), "--data", trained["data"], "--split", "val", "--torchscript"]) == 0
+    assert (
+        evaluate.main(["--model", str(trained["export"]), "--data", trained["data"], "--split", "val", "--torchscript"])
+        == 0
+    )
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["file"] == "student.ts"
     assert metrics["num_detections"] > 0
@@ -214,8 +236,16 @@ def test_onnx_graph_runs_in_onnxruntime_with_a_dynamic_batch(trained, tmp_path):
 
 def test_evaluate_onnx_gives_the_student_pt_figure(trained):
     proc = _run(
-        "launch/evaluate.py", "--model", str(trained["export"]), "--data", trained["data"], "--split", "val",
-        "--batch-size", "8", "--onnx",
+        "launch/evaluate.py",
+        "--model",
+        str(trained["export"]),
+        "--data",
+        trained["data"],
+        "--split",
+        "val",
+        "--batch-size",
+        "8",
+        "--onnx",
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -235,8 +265,22 @@ def test_predict_onnx_writes_the_eager_detections(trained, tmp_path):
     per_model = {}
     for name, flags in (("eager", []), ("onnx", ["--onnx"])):
         out = tmp_path / name
-        assert predict.main(["--model", str(trained["export"]), "--images", *map(str, files), "--out", str(out),
-                             "--score-thresh", "0.05", *flags]) == 0
+        assert (
+            predict.main(
+                [
+                    "--model",
+                    str(trained["export"]),
+                    "--images",
+                    *map(str, files),
+                    "--out",
+                    str(out),
+                    "--score-thresh",
+                    "0.05",
+                    *flags,
+                ]
+            )
+            == 0
+        )
         assert all((out / f"{file.stem}.png").is_file() for file in files)
         per_model[name] = _detections_by_image(json.loads((out / "detections.json").read_text()), len(files))
     # The synthetic pictures are S x S already, so both paths see the same pixels.
@@ -248,11 +292,13 @@ def _detections_by_image(detections: list[dict], count: int) -> list[dict]:
     grouped = []
     for image_id in range(1, count + 1):
         rows = [d for d in detections if d["image_id"] == image_id]
-        grouped.append({
-            "boxes": torch.tensor([d["bbox"] for d in rows], dtype=torch.float64).reshape(-1, 4),
-            "labels": torch.tensor([d["category_id"] for d in rows], dtype=torch.int64),
-            "scores": torch.tensor([d["score"] for d in rows], dtype=torch.float64),
-        })
+        grouped.append(
+            {
+                "boxes": torch.tensor([d["bbox"] for d in rows], dtype=torch.float64).reshape(-1, 4),
+                "labels": torch.tensor([d["category_id"] for d in rows], dtype=torch.int64),
+                "scores": torch.tensor([d["score"] for d in rows], dtype=torch.float64),
+            }
+        )
     return grouped
 
 
@@ -287,8 +333,21 @@ def test_predict_writes_detections_and_pngs(trained, tmp_path, capsys):
     assert files
     predict = _command("predict")
     out = tmp_path / "pred"
-    assert predict.main(["--model", str(trained["export"]), "--images", *map(str, files), "--out", str(out),
-                         "--score-thresh", "0.0"]) == 0
+    assert (
+        predict.main(
+            [
+                "--model",
+                str(trained["export"]),
+                "--images",
+                *map(str, files),
+                "--out",
+                str(out),
+                "--score-thresh",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     detections = json.loads((out / "detections.json").read_text())
     assert detections, "score-thresh 0 keeps every detection"
     assert {d["image_id"] for d in detections} <= {1, 2}
@@ -300,7 +359,10 @@ def test_predict_writes_detections_and_pngs(trained, tmp_path, capsys):
         png = out / f"{file.stem}.png"
         with Image.open(png) as picture, Image.open(file) as original:
             assert picture.size == original.size
-    assert predict.main(["--model", str(trained["export"]), "--images", str(tmp_path / "nope.png"), "--out", str(out)]) == 2
+    assert (
+        predict.main(["--model", str(trained["export"]), "--images", str(tmp_path / "nope.png"), "--out", str(out)])
+        == 2
+    )
 
 
 def test_export_cli_from_experiment(trained, tmp_path, capsys):
@@ -309,10 +371,38 @@ def test_export_cli_from_experiment(trained, tmp_path, capsys):
     checkpoint = str(trained["checkpoint"])
     pd.DataFrame(
         [
-            {"trial_id": "t1", "status": "completed", "best_map": 0.30, "best_ap50": 0.5, "best_checkpoint": checkpoint, "adv_weight": 0.1},
-            {"trial_id": "t2", "status": "diverged", "best_map": 0.90, "best_ap50": 0.9, "best_checkpoint": checkpoint, "adv_weight": 1.0},
-            {"trial_id": "t3", "status": "error", "best_map": 0.80, "best_ap50": 0.8, "best_checkpoint": checkpoint, "adv_weight": 0.5},
-            {"trial_id": "t4", "status": "stopped_early", "best_map": 0.10, "best_ap50": 0.2, "best_checkpoint": checkpoint, "adv_weight": 0.01},
+            {
+                "trial_id": "t1",
+                "status": "completed",
+                "best_map": 0.30,
+                "best_ap50": 0.5,
+                "best_checkpoint": checkpoint,
+                "adv_weight": 0.1,
+            },
+            {
+                "trial_id": "t2",
+                "status": "diverged",
+                "best_map": 0.90,
+                "best_ap50": 0.9,
+                "best_checkpoint": checkpoint,
+                "adv_weight": 1.0,
+            },
+            {
+                "trial_id": "t3",
+                "status": "error",
+                "best_map": 0.80,
+                "best_ap50": 0.8,
+                "best_checkpoint": checkpoint,
+                "adv_weight": 0.5,
+            },
+            {
+                "trial_id": "t4",
+                "status": "stopped_early",
+                "best_map": 0.10,
+                "best_ap50": 0.2,
+                "best_checkpoint": checkpoint,
+                "adv_weight": 0.01,
+            },
         ]
     ).to_parquet(experiment / "trials.parquet", index=False)
     export = _command("export")
@@ -339,14 +429,29 @@ def test_clis_take_paths_relative_to_where_they_run(trained, tmp_path):
     workdir.mkdir()
     experiment = workdir / "exp"
     experiment.mkdir()
-    pd.DataFrame([{"trial_id": "t1", "status": "completed", "best_map": 0.3, "best_ap50": 0.5,
-                   "best_checkpoint": str(trained["checkpoint"])}]).to_parquet(experiment / "trials.parquet")
+    pd.DataFrame(
+        [
+            {
+                "trial_id": "t1",
+                "status": "completed",
+                "best_map": 0.3,
+                "best_ap50": 0.5,
+                "best_checkpoint": str(trained["checkpoint"]),
+            }
+        ]
+    ).to_parquet(experiment / "trials.parquet")
     data = os.path.relpath(trained["data"], workdir)
     image = os.path.relpath(next((Path(trained["data"]) / "images" / "val").iterdir()), workdir)
 
     def run(script: str, *args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, str(ROOT / "launch" / f"{script}.py"), *args], capture_output=True,
-                              text=True, env=ENV, cwd=workdir, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "launch" / f"{script}.py"), *args],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=workdir,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc
 

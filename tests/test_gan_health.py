@@ -14,8 +14,9 @@ LEVELS = ("level0", "level1")
 def epoch(acc: float, adv: float, real: float = 0.9, fake: float = 0.1, levels=LEVELS) -> dict[str, float]:
     terms = {}
     for level in levels:
-        terms.update({f"disc/acc/{level}": acc, f"kd/adv/{level}": adv, f"disc/real/{level}": real,
-                      f"disc/fake/{level}": fake})
+        terms.update(
+            {f"disc/acc/{level}": acc, f"kd/adv/{level}": adv, f"disc/real/{level}": real, f"disc/fake/{level}": fake}
+        )
     return terms
 
 
@@ -23,8 +24,9 @@ def test_saturated_critics_that_keep_winning_end_the_game():
     history = [epoch(0.7, 0.3), epoch(0.99, 0.4), epoch(1.0, 0.5), epoch(1.0, 0.7)]
     assert "saturated" in gan_verdict(history, patience=3)
     assert gan_verdict(history[:3], patience=3) is None, "epoch 1 was not saturated"
-    assert gan_verdict([epoch(0.99, 0.5), epoch(1.0, 0.4), epoch(1.0, 0.3)], patience=3) is None, \
+    assert gan_verdict([epoch(0.99, 0.5), epoch(1.0, 0.4), epoch(1.0, 0.3)], patience=3) is None, (
         "the student is catching up: its adversarial term falls"
+    )
     assert "saturated" in gan_verdict([epoch(1.0, 0.44), epoch(1.0, 0.41)], patience=2), "a plateau is not a recovery"
 
 
@@ -34,8 +36,10 @@ def test_every_level_must_have_ended():
 
 
 def test_collapsed_critics_end_the_game_wasserstein_included():
-    wgan = [{"kd/adv/level0": 0.0, "disc/real/level0": 2e-4, "disc/fake/level0": -3e-4, "disc/wdist/level0": 5e-4}
-            for _ in range(2)]
+    wgan = [
+        {"kd/adv/level0": 0.0, "disc/real/level0": 2e-4, "disc/fake/level0": -3e-4, "disc/wdist/level0": 5e-4}
+        for _ in range(2)
+    ]
     assert "collapsed" in gan_verdict(wgan, patience=2)
     wgan[-1]["disc/real/level0"] = 0.2
     assert gan_verdict(wgan, patience=2) is None
@@ -55,8 +59,10 @@ def test_stopper_stops_only_the_trial_whose_game_ended():
 
 
 def test_a_trial_stopped_on_its_verdict_is_gan_failed_with_the_reason():
-    records = [EpochRecord(epoch=i + 1, epochs=4, status=Status.RUNNING, quality={"map": 0.1, "ap50": 0.2},
-                           terms=terms) for i, terms in enumerate([epoch(1.0, 0.3), epoch(1.0, 0.5)])]
+    records = [
+        EpochRecord(epoch=i + 1, epochs=4, status=Status.RUNNING, quality={"map": 0.1, "ap50": 0.2}, terms=terms)
+        for i, terms in enumerate([epoch(1.0, 0.3), epoch(1.0, 0.5)])
+    ]
     row = trial_row("t", {}, records, None, max_epochs=4, keys=[], gan_patience=2)
     assert row["status"] == Status.GAN_FAILED and "saturated" in row["gan_reason"]
     assert row["best_map"] == 0.1, "its student is still as good as its best epoch"

@@ -17,8 +17,13 @@ BENCH = [sys.executable, str(ROOT / "bench" / "gpu.py")]
 
 def test_cpu_smoke_run_reports_every_part(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([*BENCH, "--device", "cpu", "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=900, cwd=tmp_path)
+    proc = subprocess.run(
+        [*BENCH, "--device", "cpu", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["benchmark"] == "gpu" and result["device"] == "cpu" and "machine" in result
@@ -39,8 +44,9 @@ def test_cpu_smoke_run_reports_every_part(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([*BENCH, "--device", "cuda", "--out", str(tmp_path / "gpu.json")], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [*BENCH, "--device", "cuda", "--out", str(tmp_path / "gpu.json")], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --device cuda"), proc.stderr
     assert not (tmp_path / "gpu.json").exists()

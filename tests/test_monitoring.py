@@ -23,25 +23,43 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import make_synthetic_dataset
 
 from gankd_ray.data.sources.synthetic import SyntheticSpec
-
-from conftest import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1280,900", "--remote-debugging-port=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",
+    "--remote-debugging-port=0",
 ]
 NAME = "monitored"
 MAX_EPOCHS = 2
 # The smallest search with GAN-KD trials: 16 train / 8 val images, a 1-epoch teacher, 2 trials of 2 epochs
 # that ASHA never stops (grace period = max epochs), so every trial reports every epoch.
-SEARCH_ARGS = ["--name", NAME, "--num-samples", "2", "--max-epochs", str(MAX_EPOCHS), "--grace-period",
-               str(MAX_EPOCHS), "--teacher-epochs", "1", "optim.batch_size=8", "data.loader_workers=0"]
+SEARCH_ARGS = [
+    "--name",
+    NAME,
+    "--num-samples",
+    "2",
+    "--max-epochs",
+    str(MAX_EPOCHS),
+    "--grace-period",
+    str(MAX_EPOCHS),
+    "--teacher-epochs",
+    "1",
+    "optim.batch_size=8",
+    "data.loader_workers=0",
+]
 URL_LINE = re.compile(r"Ray dashboard: (http://\S+)")
 SEARCH_TIMEOUT_S = 600
 PAGE_TIMEOUT_S = 90
@@ -56,9 +74,20 @@ class SearchProcess:
         self.url_seen = threading.Event()
         self.url: str | None = None
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch" / "search.py"), "--data", str(data), "--storage", "runs",
-             *SEARCH_ARGS],
-            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            [
+                sys.executable,
+                str(ROOT / "launch" / "search.py"),
+                "--data",
+                str(data),
+                "--storage",
+                "runs",
+                *SEARCH_ARGS,
+            ],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -96,16 +125,19 @@ class SearchProcess:
 def chromium() -> Path:
     # Fail, not skip: .ci/run installs chromium, so its absence is a broken set-up, not an option.
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium "
-                    "(apt-get install --no-install-recommends chromium; .ci/run does it)")
+        pytest.fail(
+            f"{CHROMIUM} not found: install Debian's chromium "
+            "(apt-get install --no-install-recommends chromium; .ci/run does it)"
+        )
     return CHROMIUM
 
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("monitoring")
-    data = make_synthetic_dataset(tmp / "data", SyntheticSpec(seed=1, num_train=16, num_val=8, num_test=8),
-                                  rows_per_shard=8)
+    data = make_synthetic_dataset(
+        tmp / "data", SyntheticSpec(seed=1, num_train=16, num_val=8, num_test=8), rows_per_shard=8
+    )
     running = SearchProcess(tmp, data)
     try:
         yield running
@@ -164,8 +196,11 @@ async def _open_browser(chromium: Path, profile: Path):
     """Start headless chromium; returns (process, websocket URL of its first tab)."""
     import aiohttp
 
-    proc = subprocess.Popen([str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     port_file = profile / "DevToolsActivePort"  # chromium writes its debugging port here
     deadline = time.monotonic() + 30
     while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
@@ -203,8 +238,9 @@ async def _visit_dashboard(chromium: Path, url: str, token: str, entrypoint_need
                 seen["jobs"] = await page.wait_for_text([entrypoint_needle, "RUNNING"], PAGE_TIMEOUT_S)
                 seen["jobs_png"] = await page.screenshot(out / "dashboard_jobs.png")
                 await page.call("Page.navigate", url=f"{url}/#/actors")
-                seen["actors"] = await page.wait_for_text(["TrainController", "RayTrainWorker"], PAGE_TIMEOUT_S,
-                                                          reload_every=5)
+                seen["actors"] = await page.wait_for_text(
+                    ["TrainController", "RayTrainWorker"], PAGE_TIMEOUT_S, reload_every=5
+                )
                 seen["actors_png"] = await page.screenshot(out / "dashboard_actors.png")
         finally:
             proc.terminate()
@@ -215,8 +251,9 @@ async def _visit_dashboard(chromium: Path, url: str, token: str, entrypoint_need
 def _auth_token() -> str:
     """The token this machine's Ray uses (``ray get-auth-token`` follows Ray's own lookup order)."""
     ray_cli = Path(sys.executable).with_name("ray")
-    return subprocess.run([str(ray_cli), "get-auth-token"], capture_output=True, text=True, check=True,
-                          timeout=60).stdout.strip()
+    return subprocess.run(
+        [str(ray_cli), "get-auth-token"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
 
 
 def test_dashboard_shows_the_search_in_a_browser(chromium, search, tmp_path):
@@ -257,11 +294,11 @@ def read_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
 
     blob, offset, scalars = path.read_bytes(), 0, {}
     while offset < len(blob):
-        header = blob[offset:offset + 8]
+        header = blob[offset : offset + 8]
         (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", blob[offset + 8:offset + 12])
-        payload = blob[offset + 12:offset + 12 + length]
-        (payload_crc,) = struct.unpack("<I", blob[offset + 12 + length:offset + 16 + length])
+        (header_crc,) = struct.unpack("<I", blob[offset + 8 : offset + 12])
+        payload = blob[offset + 12 : offset + 12 + length]
+        (payload_crc,) = struct.unpack("<I", blob[offset + 12 + length : offset + 16 + length])
         assert header_crc == masked(header) and payload_crc == masked(payload), f"{path}: corrupt record"
         offset += 16 + length
         event = Event.FromString(payload)

@@ -8,8 +8,7 @@ import pickle
 import optuna
 import pytest
 
-from gankd_ray.tune.optuna_storage import (OptunaStorageError, ReferencedRDBStorage, has_password, redact,
-                                           resolve)
+from gankd_ray.tune.optuna_storage import OptunaStorageError, ReferencedRDBStorage, has_password, redact, resolve
 from gankd_ray.tune.request import SearchRequest
 
 

@@ -81,8 +81,9 @@ def _tiny_tune_run(storage) -> list:
     tuner = ray.tune.Tuner(
         trainable,
         param_space={"fail": ray.tune.grid_search([False, True])},
-        run_config=ray.tune.RunConfig(name="tiny", storage_path=str(storage), verbose=0,
-                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
+        run_config=ray.tune.RunConfig(
+            name="tiny", storage_path=str(storage), verbose=0, failure_config=ray.tune.FailureConfig(max_failures=0)
+        ),
     )
     return list(tuner.fit())
 

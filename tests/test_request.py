@@ -14,9 +14,26 @@ from gankd_ray.tune.request import REQUEST_FILE, SearchRequest, load_request, sa
 
 def test_command_line_becomes_one_absolute_request(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    request = request_of(parse_args(["--data", "data/x", "--storage", "runs", "--teacher", "t/model.pt",
-                                     "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--smoke",
-                                     "--sampler", "random", "optim.lr=0.01"]))
+    request = request_of(
+        parse_args(
+            [
+                "--data",
+                "data/x",
+                "--storage",
+                "runs",
+                "--teacher",
+                "t/model.pt",
+                "--workers-per-trial",
+                "2",
+                "--cpus-per-worker",
+                "0.5",
+                "--smoke",
+                "--sampler",
+                "random",
+                "optim.lr=0.01",
+            ]
+        )
+    )
     assert request.data == str(tmp_path / "data/x") and request.teacher == str(tmp_path / "t/model.pt")
     assert request.storage == str(tmp_path / "runs") and os.path.isabs(request.space)
     assert (request.resources.workers, request.resources.cpus_per_worker) == (2, 0.5)
@@ -27,8 +44,23 @@ def test_command_line_becomes_one_absolute_request(tmp_path, monkeypatch):
 
 def test_resume_reloads_the_saved_request_as_it_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    started = request_of(parse_args(["--data", "d", "--storage", "runs", "--name", "exp", "--num-samples", "9",
-                                     "--optuna-storage", "env:DB", "a.b=1"]))
+    started = request_of(
+        parse_args(
+            [
+                "--data",
+                "d",
+                "--storage",
+                "runs",
+                "--name",
+                "exp",
+                "--num-samples",
+                "9",
+                "--optuna-storage",
+                "env:DB",
+                "a.b=1",
+            ]
+        )
+    )
     save_request(started)
     saved = (tmp_path / "runs" / "exp" / REQUEST_FILE).read_text()
     assert "num_samples: 9" in saved and "env:DB" in saved
@@ -50,11 +82,14 @@ def test_a_saved_request_gives_a_new_search_its_defaults(tmp_path):
     assert request.overrides == ["optim.lr=0.01"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("num_samples: many\n", "num_samples='many': expected an integer"),
-    ("resources: {gpus: 1}\n", "unknown key 'gpus'"),
-    ("- a list\n", "top level must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("num_samples: many\n", "num_samples='many': expected an integer"),
+        ("resources: {gpus: 1}\n", "unknown key 'gpus'"),
+        ("- a list\n", "top level must be a mapping"),
+    ],
+)
 def test_bad_request_files_name_file_and_field(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

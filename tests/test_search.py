@@ -30,8 +30,9 @@ def smoke_search(synthetic_data, tmp_path_factory):
     # Relative --data and --storage on purpose: Tune runs trial drivers (and Train its workers) in other working
     # directories.
     data = os.path.relpath(synthetic_data, workdir)
-    proc = run_search("--smoke", "--data", data, "--storage", "runs", "--name", "smoke",
-                      "--teacher-epochs", "1", *FAST, cwd=workdir)
+    proc = run_search(
+        "--smoke", "--data", data, "--storage", "runs", "--name", "smoke", "--teacher-epochs", "1", *FAST, cwd=workdir
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir / "runs" / "smoke", proc
 
@@ -39,8 +40,22 @@ def smoke_search(synthetic_data, tmp_path_factory):
 def test_smoke_search_tables(smoke_search):
     experiment, proc = smoke_search
     trials = pd.read_parquet(experiment / "trials.parquet")
-    for column in ["trial_id", "status", "epochs", "best_map", "best_ap50", "last_map", "wall_s", "node",
-                   "adv_weight", "adv_loss", "disc_depth", "disc_norm", "levels", "lr_ratio"]:
+    for column in [
+        "trial_id",
+        "status",
+        "epochs",
+        "best_map",
+        "best_ap50",
+        "last_map",
+        "wall_s",
+        "node",
+        "adv_weight",
+        "adv_loss",
+        "disc_depth",
+        "disc_norm",
+        "levels",
+        "lr_ratio",
+    ]:
         assert column in trials.columns, column
     assert len(trials) >= 6 and trials["trial_id"].is_unique
     assert (trials["epochs"] >= 1).all() and trials["best_map"].notna().all(), trials
@@ -124,7 +139,8 @@ def test_shipped_spaces_are_valid():
 
 
 def test_missing_teacher_weights_file_fails_before_ray(synthetic_data, tmp_path):
-    proc = run_search("--data", synthetic_data, "--storage", str(tmp_path / "runs"),
-                      "--teacher-weights", str(tmp_path / "nope.pth"))
+    proc = run_search(
+        "--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--teacher-weights", str(tmp_path / "nope.pth")
+    )
     assert proc.returncode == 2 and "--teacher-weights" in proc.stderr and "nope.pth" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "dashboard" not in proc.stdout

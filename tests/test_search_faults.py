@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
 from conftest import read_trials_metrics
-
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = [sys.executable, str(ROOT / "launch" / "search.py")]
@@ -39,9 +37,27 @@ def test_diverging_and_raising_trials_do_not_stop_the_search(synthetic_data, unt
     space = tmp_path / "faulty.yaml"
     space.write_text(FAULTY_SPACE)
     # file:// URIs for every location (a search must take them as it takes paths).
-    proc = search("--data", f"file://{synthetic_data}", "--storage", f"file://{tmp_path}/runs", "--name", "faults",
-                  "--teacher", f"file://{untrained_teacher}", "--space", str(space), "--num-samples", "4",
-                  "--max-epochs", "2", "--seed", "4", "--scheduler", "fifo", *FAST)
+    proc = search(
+        "--data",
+        f"file://{synthetic_data}",
+        "--storage",
+        f"file://{tmp_path}/runs",
+        "--name",
+        "faults",
+        "--teacher",
+        f"file://{untrained_teacher}",
+        "--space",
+        str(space),
+        "--num-samples",
+        "4",
+        "--max-epochs",
+        "2",
+        "--seed",
+        "4",
+        "--scheduler",
+        "fifo",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "runs" / "faults" / "trials.parquet")
     summary = trials[["trial_id", "status", "adv_weight", "batch_size", "best_map", "error"]]
@@ -91,12 +107,29 @@ def test_killed_search_resumes_without_rerunning_finished_trials(synthetic_data,
     secret = "s3cret-db-location"
     (tmp_path / secret).mkdir()
     env = {**os.environ, "GANKD_STUDY_DB": f"sqlite:///{tmp_path / secret}/study.db"}
-    args = ["--data", synthetic_data, "--storage", str(storage), "--name", "resume", "--teacher", untrained_teacher,
-            "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2",
-            "--optuna-storage", "env:GANKD_STUDY_DB", *FAST]
+    args = [
+        "--data",
+        synthetic_data,
+        "--storage",
+        str(storage),
+        "--name",
+        "resume",
+        "--teacher",
+        untrained_teacher,
+        "--num-samples",
+        "4",
+        "--max-epochs",
+        "2",
+        "--grace-period",
+        "2",
+        "--optuna-storage",
+        "env:GANKD_STUDY_DB",
+        *FAST,
+    ]
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([*SEARCH, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 start_new_session=True, env=env)
+        first = subprocess.Popen(
+            [*SEARCH, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env
+        )
         finished_before = _kill_when_one_trial_finished(first, trials_dir, timeout=400)
     assert not (storage / "resume" / "trials.parquet").exists()
 
@@ -135,9 +168,27 @@ def test_a_trial_whose_critics_saturate_stops_as_gan_failed(synthetic_data, untr
     space = tmp_path / "saturating.yaml"
     space.write_text(SATURATING_SPACE)
     max_epochs = 6
-    proc = search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "sat",
-                  "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "1",
-                  "--max-epochs", str(max_epochs), "--scheduler", "fifo", "--gan-patience", "2", *FAST)
+    proc = search(
+        "--data",
+        synthetic_data,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "sat",
+        "--teacher",
+        untrained_teacher,
+        "--space",
+        str(space),
+        "--num-samples",
+        "1",
+        "--max-epochs",
+        str(max_epochs),
+        "--scheduler",
+        "fifo",
+        "--gan-patience",
+        "2",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "runs" / "sat" / "trials.parquet")
     (row,) = trials.itertuples()

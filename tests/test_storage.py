@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import S3_BUCKET
+
 from gankd_ray import storage
 
 
@@ -29,7 +29,9 @@ def test_files_round_trip_through_every_kind_of_location(location):
     file = storage.join(location, "sub", "a.json")
     assert not storage.exists(file)
     storage.write_json(file, {"x": 1})
-    assert storage.read_json(file) == {"x": 1} and storage.is_file(file) and storage.is_dir(storage.join(location, "sub"))
+    assert (
+        storage.read_json(file) == {"x": 1} and storage.is_file(file) and storage.is_dir(storage.join(location, "sub"))
+    )
     storage.save_torch({"w": torch.arange(3)}, storage.join(location, "m.pt"))
     loaded = torch.load(storage.open_for_torch(storage.join(location, "m.pt")), weights_only=True)
     assert torch.equal(loaded["w"], torch.arange(3))
@@ -74,7 +76,9 @@ def test_ray_checkpoint_locations_become_full_uris(s3):
 
 def test_object_storage_failures_are_one_line_naming_the_location(s3, monkeypatch):
     missing_bucket = "s3://no-such-bucket/runs"
-    with pytest.raises(storage.StorageError, match=r"^s3://no-such-bucket/runs: storage is not writable \(.*bucket does not exist"):
+    with pytest.raises(
+        storage.StorageError, match=r"^s3://no-such-bucket/runs: storage is not writable \(.*bucket does not exist"
+    ):
         storage.check_writable(missing_bucket)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["read_only"]["AWS_ACCESS_KEY_ID"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["read_only"]["AWS_SECRET_ACCESS_KEY"])
@@ -85,7 +89,9 @@ def test_object_storage_failures_are_one_line_naming_the_location(s3, monkeypatc
         storage.read_bytes(f"s3://{S3_BUCKET}/x")
     assert "\n" not in str(denied.value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
-    with pytest.raises(storage.StorageError, match="cannot reach the storage endpoint AWS_ENDPOINT_URL=http://127.0.0.1"):
+    with pytest.raises(
+        storage.StorageError, match="cannot reach the storage endpoint AWS_ENDPOINT_URL=http://127.0.0.1"
+    ):
         storage.check_readable(f"s3://{S3_BUCKET}/x")
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import S3_BUCKET, upload
+
 from gankd_ray import storage
 from gankd_ray.records import read_metrics
 
@@ -21,9 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["optim.batch_size=8", "data.loader_workers=0", "detector.backbone=mobilenet_v2_0.35"]
 
 
-def cli(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / f"{script}.py"), *args], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+def cli(
+    script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def _assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -34,8 +42,25 @@ def test_train_from_another_directory_with_relative_paths(synthetic_data, untrai
     workdir = tmp_path / "D"
     workdir.mkdir()
     data, teacher = os.path.relpath(synthetic_data, workdir), os.path.relpath(untrained_teacher, workdir)
-    proc = cli("train", "--role", "gankd", "--data", data, "--teacher", teacher, "--storage", "out", "--name", "kd",
-               "--epochs", "1", "--workers", "1", *FAST, cwd=workdir)
+    proc = cli(
+        "train",
+        "--role",
+        "gankd",
+        "--data",
+        data,
+        "--teacher",
+        teacher,
+        "--storage",
+        "out",
+        "--name",
+        "kd",
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        *FAST,
+        cwd=workdir,
+    )
     _assert_ok(proc)
     records = read_metrics(str(workdir / "out" / "kd"))
     assert [r["epoch"] for r in records] == [1] and records[0]["status"] == "completed"
@@ -43,9 +68,25 @@ def test_train_from_another_directory_with_relative_paths(synthetic_data, untrai
 
 
 def test_train_with_file_uris(synthetic_data, untrained_teacher, tmp_path):
-    proc = cli("train", "--role", "gankd", "--data", f"file://{synthetic_data}", "--teacher", f"file://{untrained_teacher}",
-               "--storage", f"file://{tmp_path}/runs", "--name", "kd", "--epochs", "1", "--workers", "1", *FAST,
-               cwd=ROOT)
+    proc = cli(
+        "train",
+        "--role",
+        "gankd",
+        "--data",
+        f"file://{synthetic_data}",
+        "--teacher",
+        f"file://{untrained_teacher}",
+        "--storage",
+        f"file://{tmp_path}/runs",
+        "--name",
+        "kd",
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        *FAST,
+        cwd=ROOT,
+    )
     _assert_ok(proc)
     records = read_metrics(f"file://{tmp_path}/runs/kd")
     assert records and records[0]["status"] == "completed"
@@ -55,14 +96,33 @@ def test_train_with_file_uris(synthetic_data, untrained_teacher, tmp_path):
 @pytest.fixture(scope="module")
 def s3_inputs(s3, synthetic_data, untrained_teacher):
     """The test dataset and the untrained teacher, uploaded to the S3 server."""
-    return {"data": upload(synthetic_data, f"s3://{S3_BUCKET}/data/synthetic"),
-            "teacher": upload(untrained_teacher, f"s3://{S3_BUCKET}/teacher/best/model.pt").rsplit("/", 1)[0]}
+    return {
+        "data": upload(synthetic_data, f"s3://{S3_BUCKET}/data/synthetic"),
+        "teacher": upload(untrained_teacher, f"s3://{S3_BUCKET}/teacher/best/model.pt").rsplit("/", 1)[0],
+    }
 
 
 def test_train_on_s3(s3, s3_inputs, tmp_path):
     runs = f"s3://{S3_BUCKET}/train-runs"
-    proc = cli("train", "--role", "gankd", "--data", s3_inputs["data"], "--teacher", s3_inputs["teacher"],
-               "--storage", runs, "--name", "kd", "--epochs", "2", "--workers", "1", *FAST, cwd=tmp_path)
+    proc = cli(
+        "train",
+        "--role",
+        "gankd",
+        "--data",
+        s3_inputs["data"],
+        "--teacher",
+        s3_inputs["teacher"],
+        "--storage",
+        runs,
+        "--name",
+        "kd",
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+        *FAST,
+        cwd=tmp_path,
+    )
     _assert_ok(proc)
     records = read_metrics(f"{runs}/kd")
     assert [r["epoch"] for r in records] == [1, 2]
@@ -109,15 +169,35 @@ def s3_search(s3, s3_inputs, tmp_path_factory):
     while another runs, then resumed with ``--resume``."""
     workdir = tmp_path_factory.mktemp("s3_search")
     runs = f"s3://{S3_BUCKET}/searches"
-    args = ["--smoke", "--data", s3_inputs["data"], "--teacher", s3_inputs["teacher"], "--storage", runs,
-            "--name", "smoke", *FAST]
+    args = [
+        "--smoke",
+        "--data",
+        s3_inputs["data"],
+        "--teacher",
+        s3_inputs["teacher"],
+        "--storage",
+        runs,
+        "--name",
+        "smoke",
+        *FAST,
+    ]
     with open(workdir / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(ROOT / "launch" / "search.py"), *args], stdout=log,
-                                 stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+        first = subprocess.Popen(
+            [sys.executable, str(ROOT / "launch" / "search.py"), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            start_new_session=True,
+        )
         finished_before = _kill_when_one_trial_finished(first, f"{runs}/smoke/trials", timeout=600)
     resumed = cli("search", "--storage", runs, "--name", "smoke", "--resume", cwd=workdir, timeout=900)
-    return {"experiment": f"{runs}/smoke", "finished_before": finished_before, "resumed": resumed,
-            "workdir": workdir, **s3_inputs}
+    return {
+        "experiment": f"{runs}/smoke",
+        "finished_before": finished_before,
+        "resumed": resumed,
+        "workdir": workdir,
+        **s3_inputs,
+    }
 
 
 def _read_parquet(uri: str) -> pd.DataFrame:
@@ -160,17 +240,40 @@ def test_export_evaluate_predict_read_the_experiment_from_s3(s3_search, syntheti
     out = f"s3://{S3_BUCKET}/exports/{other}"
     _assert_ok(cli("export", "--experiment", experiment, "--out", out, "--trial", other, cwd=tmp_path))
     assert storage.read_json(f"{out}/card.json")["trial_id"] == other
-    evaluated = cli("evaluate", "--model", f"{experiment}/best", "--data", data, "--split", "val", "--batch-size", "8",
-                    cwd=tmp_path,
-                    env={"OMP_NUM_THREADS": "1"})
+    evaluated = cli(
+        "evaluate",
+        "--model",
+        f"{experiment}/best",
+        "--data",
+        data,
+        "--split",
+        "val",
+        "--batch-size",
+        "8",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     _assert_ok(evaluated)
     card = storage.read_json(f"{experiment}/best/card.json")
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["map"] == pytest.approx(card["val_map"], abs=5e-3)
     image = next(Path(synthetic_data, "images", "test").iterdir())
     remote_image = upload(image, f"s3://{S3_BUCKET}/photos/{image.name}")
     predicted = f"s3://{S3_BUCKET}/predictions"
-    _assert_ok(cli("predict", "--model", f"{experiment}/best", "--images", remote_image, str(image), "--out", predicted,
-                   "--score-thresh", "0", cwd=tmp_path))
+    _assert_ok(
+        cli(
+            "predict",
+            "--model",
+            f"{experiment}/best",
+            "--images",
+            remote_image,
+            str(image),
+            "--out",
+            predicted,
+            "--score-thresh",
+            "0",
+            cwd=tmp_path,
+        )
+    )
     detections = storage.read_json(f"{predicted}/detections.json")
     assert {d["image_id"] for d in detections} == {1, 2}
     assert storage.is_file(f"{predicted}/{image.stem}.png")
@@ -188,9 +291,27 @@ def test_an_s3_outage_ends_the_run_with_one_error_line_and_a_rerun_resumes(s3, s
 
     proxy = TcpProxy(s3["port"])  # the run reaches S3 through it: cutting it is the outage
     runs = f"s3://{S3_BUCKET}/outage-runs"
-    command = [sys.executable, str(ROOT / "launch" / "train.py"), "--role", "gankd", "--data", s3_inputs["data"],
-               "--teacher", s3_inputs["teacher"], "--storage", runs, "--name", "kd", "--epochs", "3",
-               "--workers", "1", "--max-failures", "0", *FAST]
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--role",
+        "gankd",
+        "--data",
+        s3_inputs["data"],
+        "--teacher",
+        s3_inputs["teacher"],
+        "--storage",
+        runs,
+        "--name",
+        "kd",
+        "--epochs",
+        "3",
+        "--workers",
+        "1",
+        "--max-failures",
+        "0",
+        *FAST,
+    ]
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)

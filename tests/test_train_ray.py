@@ -38,8 +38,20 @@ def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 def _job(role: str, data: str, storage: Path, name: str, epochs: int, *extra: str, teacher: str | None = None):
-    argv = ["--role", role, "--data", data, "--epochs", str(epochs), "--workers", "2",
-            "--storage", str(storage), "--name", name]
+    argv = [
+        "--role",
+        role,
+        "--data",
+        data,
+        "--epochs",
+        str(epochs),
+        "--workers",
+        "2",
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+    ]
     if teacher:
         argv += ["--teacher", teacher]
     return train_cli.build_job(train_cli.parse_args([*argv, *extra]))
@@ -58,7 +70,7 @@ def _check_completed_run(run_dir: str, epochs: int, first_epoch: int = 1) -> lis
         assert record["world_size"] == 2
         assert record["train_images"] == TRAIN_IMAGES
         assert record["train_unique_images"] == TRAIN_IMAGES, "ranks trained on overlapping images"
-    this_run = records[first_epoch - 1:]
+    this_run = records[first_epoch - 1 :]
     assert all(r["epochs"] == epochs for r in this_run)
     assert [r["status"] for r in this_run] == ["running"] * (len(this_run) - 1) + ["completed"]
     return records
@@ -66,8 +78,10 @@ def _check_completed_run(run_dir: str, epochs: int, first_epoch: int = 1) -> lis
 
 def test_summary_picks_kept_checkpoint_and_prints_missing_metrics(tmp_path):
     """Ties in mAP go to the later epoch (the checkpoint Ray keeps); a log without mAP still prints."""
-    lines = [{"epoch": 1, "map": 0.0, "ap50": 0.0, "checkpoint": "c1", "status": "running"},
-             {"epoch": 2, "map": 0.0, "ap50": 0.0, "checkpoint": "c2", "status": "completed"}]
+    lines = [
+        {"epoch": 1, "map": 0.0, "ap50": 0.0, "checkpoint": "c1", "status": "running"},
+        {"epoch": 2, "map": 0.0, "ap50": 0.0, "checkpoint": "c2", "status": "completed"},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert summarize(str(tmp_path)).checkpoint == "c2"
     # The search's trials table names the same kept checkpoint (the best trial is exported from it).
@@ -119,8 +133,14 @@ def bad_inputs(tmp_path_factory, synthetic_data):
     evil = root / "evil.pt"
     torch.save({"format": "gankd-ray-model", "payload": _CodePayload(str(marker))}, evil)
     assert not marker.exists()
-    return {"root": root, "teacher": str(teacher), "three": str(three_classes), "plain": str(plain),
-            "evil": str(evil), "marker": marker}
+    return {
+        "root": root,
+        "teacher": str(teacher),
+        "three": str(three_classes),
+        "plain": str(plain),
+        "evil": str(evil),
+        "marker": marker,
+    }
 
 
 BAD_CASES = {
@@ -139,8 +159,22 @@ BAD_CASES = {
 def test_bad_input_exits_2_before_ray(case, bad_inputs, synthetic_data, tmp_path):
     role, data_key, teacher_key, overrides, words = BAD_CASES[case]
     data = {None: synthetic_data, "three": bad_inputs["three"], "missing": str(tmp_path / "no_such_dataset")}[data_key]
-    args = ["--role", role, "--data", data, "--epochs", "1", "--workers", "2", "--storage", str(tmp_path / "runs"),
-            "--name", "bad", *TINY, *overrides]
+    args = [
+        "--role",
+        role,
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--workers",
+        "2",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "bad",
+        *TINY,
+        *overrides,
+    ]
     if teacher_key:
         args += ["--teacher", bad_inputs[teacher_key]]
     started = time.monotonic()
@@ -164,8 +198,22 @@ def test_bad_input_exits_2_before_ray(case, bad_inputs, synthetic_data, tmp_path
 @pytest.fixture(scope="module")
 def teacher_run(synthetic_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("cli_runs")
-    proc = _cli("--role", "teacher", "--data", synthetic_data, "--epochs", "2", "--workers", "2",
-                "--storage", str(storage), "--name", "teacher", *TEACHER, timeout=400)
+    proc = _cli(
+        "--role",
+        "teacher",
+        "--data",
+        synthetic_data,
+        "--epochs",
+        "2",
+        "--workers",
+        "2",
+        "--storage",
+        str(storage),
+        "--name",
+        "teacher",
+        *TEACHER,
+        timeout=400,
+    )
     return proc, storage / "teacher"
 
 

@@ -18,7 +18,7 @@ from gankd_ray.cli import run
 from gankd_ray.config import ConfigError, DetectorConfig
 from gankd_ray.models import build_detector
 from gankd_ray.models import weights as weights_mod
-from gankd_ray.models.weights import MOBILENET_V2_IMAGENET, WheelSource, WeightsError, prepare_weights
+from gankd_ray.models.weights import MOBILENET_V2_IMAGENET, WeightsError, WheelSource, prepare_weights
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ Every command's ``main(argv) -> int`` raises ``gankd_ray.errors.UserError`` for 
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from gankd_ray.errors import UserError
 from gankd_ray.utils import first_line

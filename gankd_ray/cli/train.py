@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="data-parallel workers")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
-    parser.add_argument("--max-failures", type=int, default=2, help="worker failures tolerated (resume from checkpoint)")
+    parser.add_argument(
+        "--max-failures", type=int, default=2, help="worker failures tolerated (resume from checkpoint)"
+    )
     parser.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     parser.add_argument("--storage", default="runs", help="where runs live (folder or URI)")
     parser.add_argument("--name", required=True, help="run name; reusing it resumes the run")
@@ -45,8 +47,9 @@ def build_job(args: argparse.Namespace) -> TrainJob:
         config=config,
         storage=args.storage,
         name=args.name,
-        resources=Resources(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                            gpus_per_worker=args.gpus_per_worker),
+        resources=Resources(
+            workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker
+        ),
         teacher=args.teacher,
         max_failures=args.max_failures,
     )

@@ -5,7 +5,6 @@ No ``from __future__ import annotations`` here: TorchScript must read the class 
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import List, Optional
 
 import torch
 import torch.fx
@@ -43,14 +42,14 @@ class FeatureAdapter(nn.Module):
         ``forward(x: Tensor[B, in_channels, H, W]) -> Tensor[B, out_channels, h, w]``.
     """
 
-    output_size: Optional[List[int]]
+    output_size: list[int] | None
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        output_size: Optional[Sequence[int]] = None,
-        activation: Optional[nn.Module] = None,
+        output_size: Sequence[int] | None = None,
+        activation: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
@@ -70,8 +69,8 @@ def build_adapters(
     levels: Sequence[str],
     student_channels: Mapping[str, int],
     teacher_channels: Mapping[str, int],
-    output_sizes: Optional[Mapping[str, Sequence[int]]] = None,
-    activations: Optional[Mapping[str, nn.Module]] = None,
+    output_sizes: Mapping[str, Sequence[int]] | None = None,
+    activations: Mapping[str, nn.Module] | None = None,
 ) -> nn.ModuleDict:
     """One :class:`FeatureAdapter` per level, keyed by level name.
 

@@ -32,17 +32,22 @@ def gan_verdict(history: Sequence[Mapping[str, float]], patience: int = DEFAULT_
     if not levels or not all(f"kd/adv/{level}" in epoch for epoch in window for level in levels):
         return None
     if all(_collapsed(window, level) for level in levels):
-        return (f"critics collapsed: |score| < {COLLAPSED_SCORE:g} on teacher and student maps at every level for "
-                f"{patience} epochs")
+        return (
+            f"critics collapsed: |score| < {COLLAPSED_SCORE:g} on teacher and student maps at every level for "
+            f"{patience} epochs"
+        )
     if all(_saturated(window, level) for level in levels):
-        return (f"critics saturated: accuracy >= {SATURATED_ACCURACY:g} at every level for {patience} epochs "
-                f"while the student's adversarial term did not fall")
+        return (
+            f"critics saturated: accuracy >= {SATURATED_ACCURACY:g} at every level for {patience} epochs "
+            f"while the student's adversarial term did not fall"
+        )
     return None
 
 
 def _collapsed(window: Sequence[Mapping[str, float]], level: str) -> bool:
-    return all(abs(epoch.get(f"disc/{side}/{level}", 1.0)) < COLLAPSED_SCORE for epoch in window
-               for side in ("real", "fake"))
+    return all(
+        abs(epoch.get(f"disc/{side}/{level}", 1.0)) < COLLAPSED_SCORE for epoch in window for side in ("real", "fake")
+    )
 
 
 def _saturated(window: Sequence[Mapping[str, float]], level: str) -> bool:

@@ -96,7 +96,9 @@ def build_student(cfg: RunConfig) -> SSDDetector:
         raise ConfigError("distill.head_mode=teacher needs cfg.teacher to rebuild the student")
     teacher_extractor, teacher_channels, teacher_strides = build_feature_extractor(cfg.teacher.backbone)
     if list(teacher_channels) != list(student.level_names):
-        raise ConfigError(f"distill.head_mode=teacher: teacher levels {list(teacher_channels)} differ from the student's")
+        raise ConfigError(
+            f"distill.head_mode=teacher: teacher levels {list(teacher_channels)} differ from the student's"
+        )
     teacher_sizes = feature_shapes(cfg.teacher.image_size, teacher_strides)
     # head=None: SSDDetector builds a fresh SSDHead for the teacher's channels; the anchors are the
     # shared default layout, as on the teacher.
@@ -114,9 +116,7 @@ def _adapted_detector(
 ) -> SSDDetector:
     from gankd_ray.models import SSDDetector  # late: models is a sibling package
 
-    adapters = build_adapters(
-        student.level_names, student.level_channels, teacher_channels, teacher_sizes, activations
-    )
+    adapters = build_adapters(student.level_names, student.level_channels, teacher_channels, teacher_sizes, activations)
     backbone = AdaptedBackbone(student.backbone, adapters)
     return SSDDetector(backbone, teacher_channels, student.level_strides, head, student.config, anchor_generator)
 

@@ -23,8 +23,9 @@ from gankd_ray.utils import plain_value
 REFERENCE_KEYS = ("teacher", "baseline_val_map", "teacher_val_map")
 
 
-def trial_card(trial: Mapping[str, Any], hyperparameters: Sequence[str],
-               references: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def trial_card(
+    trial: Mapping[str, Any], hyperparameters: Sequence[str], references: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The card fields of a search trial.
 
     Args:

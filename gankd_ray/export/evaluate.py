@@ -38,8 +38,15 @@ def evaluate_export(
     return evaluate_loaded(export, data, split, batch_size=batch_size, num_workers=num_workers, device=device)
 
 
-def evaluate_loaded(export: LoadedExport, data: str, split: str = "test", *, batch_size: int = 16,
-                    num_workers: int = 0, device: str = "cpu") -> dict[str, Any]:
+def evaluate_loaded(
+    export: LoadedExport,
+    data: str,
+    split: str = "test",
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """COCO metrics (``STAT_NAMES``, ``num_images``, ``num_detections``) of a ``LoadedExport`` on ``split`` of
     ``data``, plus ``split``, ``model`` (the export's location) and ``file`` (which model file ran)."""
     from gankd_ray.eval import evaluate_coco, load_coco
@@ -47,8 +54,11 @@ def evaluate_loaded(export: LoadedExport, data: str, split: str = "test", *, bat
     torchscript = export.config is None
     try:
         coco_gt = load_coco(data, split)
-        batches = _original_batches(data, split, batch_size) if torchscript else _resized_batches(
-            data, split, export.image_size, batch_size, num_workers)
+        batches = (
+            _original_batches(data, split, batch_size)
+            if torchscript
+            else _resized_batches(data, split, export.image_size, batch_size, num_workers)
+        )
     except (OSError, ValueError, KeyError) as err:  # DatasetError is a ValueError
         raise InferenceError(f"{data}: cannot read split {split!r} ({first_line(err)})") from None
     run = _scripted_results if torchscript else _resized_results
@@ -62,8 +72,9 @@ def _resized_batches(data: str, split: str, image_size: int, batch_size: int, nu
     """The training loop's eval loader: ``(images [B,3,S,S], targets, metas)``, no augmentation."""
     from gankd_ray.data.loader import DetectionBatchLoader
 
-    return DetectionBatchLoader.from_dataset(data, split, image_size, batch_size, train=False, hflip=False,
-                                             jitter=0.0, num_workers=num_workers)
+    return DetectionBatchLoader.from_dataset(
+        data, split, image_size, batch_size, train=False, hflip=False, jitter=0.0, num_workers=num_workers
+    )
 
 
 def _original_batches(data: str, split: str, batch_size: int) -> list[list[dict[str, Any]]]:

@@ -81,8 +81,9 @@ def export_model(model_file: str | Path, out_dir: str | Path, fields: dict[str, 
         if onnx_export_available():
             export_onnx(detector, folder / ONNX_FILE)
         else:
-            log.warning("onnx / onnxscript not installed: no %s in the export (pip install 'gankd-ray[export]')",
-                        ONNX_FILE)
+            log.warning(
+                "onnx / onnxscript not installed: no %s in the export (pip install 'gankd-ray[export]')", ONNX_FILE
+            )
         (folder / COMPLETE_MARKER).write_text(json.dumps(card, indent=2, default=str) + "\n")
         return storage.publish_dir(folder, str(out_dir), COMPLETE_MARKER)
 
@@ -123,8 +124,9 @@ class LoadedExport:
         return int(self.config.detector.image_size if self.config is not None else self.card["image_size"])
 
 
-def load_export(model_dir: str | Path, torchscript: bool = False, device: str | torch.device = "cpu", *,
-                onnx: bool = False) -> LoadedExport:
+def load_export(
+    model_dir: str | Path, torchscript: bool = False, device: str | torch.device = "cpu", *, onnx: bool = False
+) -> LoadedExport:
     """The eager detector (``student.pt``, weights-only: the default, safe with a folder from anyone), or when
     ``torchscript`` the TorchScript module (``student.ts``: code that runs with the user's rights, so trusted
     files only), or when ``onnx`` an ``OnnxDetector`` (``student.onnx`` in onnxruntime on the CPU,

@@ -95,8 +95,14 @@ def export_onnx(detector: SSDDetector, file: str | Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.onnx.export(
-            graph, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={"images": {0: batch}}, opset_version=OPSET, dynamo=True, verbose=False,
+            graph,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
         )
     model = program.model_proto
     onnx.helper.set_model_props(model, postprocess_metadata(detector))
@@ -144,4 +150,3 @@ class OnnxDetector:
         detections in original coordinates."""
         head, anchors = self.network(images)
         return self.detector.decode(head, anchors, images.shape[-2:], orig_sizes)
-

@@ -48,8 +48,9 @@ def read_pictures(image_paths: Sequence[str | Path], max_pixels: int = DEFAULT_M
     return [(path, read_picture(path, max_pixels)) for path in paths]
 
 
-def predict_pictures(export, pictures: Sequence[tuple[str, Any]], out_dir: str | Path,
-                     score_thresh: float = 0.3) -> dict[str, Any]:
+def predict_pictures(
+    export, pictures: Sequence[tuple[str, Any]], out_dir: str | Path, score_thresh: float = 0.3
+) -> dict[str, Any]:
     """Detections of a ``LoadedExport`` on ``(location, picture)`` pairs: ``out_dir/detections.json`` and one
     annotated PNG per picture (``<file stem>.png``). Image ids are 1.. in the order given.
 
@@ -70,8 +71,16 @@ def predict_pictures(export, pictures: Sequence[tuple[str, Any]], out_dir: str |
         scores = output["scores"][keep].tolist()
         xywh = box_convert(boxes, "xyxy", "xywh").tolist()
         for bbox, category, label, score in zip(xywh, categories, labels, scores):
-            detections.append({"image_id": image_id, "file_name": str(path), "category_id": category,
-                               "category_name": label, "bbox": bbox, "score": float(score)})
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "file_name": str(path),
+                    "category_id": category,
+                    "category_name": label,
+                    "bbox": bbox,
+                    "score": float(score),
+                }
+            )
         png = storage.join(out_dir, _unique_png(Path(path), used))
         buffer = io.BytesIO()
         draw_detections(picture, boxes, labels, scores).save(buffer, format="PNG")

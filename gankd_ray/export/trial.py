@@ -70,8 +70,13 @@ def model_file_of(checkpoint: str, experiment_dir: str) -> str:
     return other if storage.exists(other) else file
 
 
-def export_search_trial(row: Mapping[str, Any], hyperparameters: Sequence[str], experiment_dir: str, out_dir: str,
-                        references: Mapping[str, Any] | None = None) -> str:
+def export_search_trial(
+    row: Mapping[str, Any],
+    hyperparameters: Sequence[str],
+    experiment_dir: str,
+    out_dir: str,
+    references: Mapping[str, Any] | None = None,
+) -> str:
     """Export the trial of ``row`` (its ``best_checkpoint``) with its card; returns the export's location."""
     model_file = model_file_of(str(row["best_checkpoint"]), experiment_dir)
     return export_model(model_file, out_dir, trial_card(row, hyperparameters, references))
@@ -84,8 +89,9 @@ def export_trial(experiment_dir: str, out_dir: str, trial_id: str | None = None)
     row = select_trial(trials, trial_id)
     references = search_references(experiment_dir)
     with export_errors():  # e.g. --out not writable
-        out = export_search_trial(row, hyperparameter_columns(list(trials.columns)), experiment_dir, out_dir,
-                                  references)
+        out = export_search_trial(
+            row, hyperparameter_columns(list(trials.columns)), experiment_dir, out_dir, references
+        )
         return out, read_card(out)
 
 

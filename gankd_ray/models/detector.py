@@ -18,10 +18,10 @@ level4   128     0.69         0.77                          2, 1/2
 =======  ======  ===========  ============================  ==========================
 
 Why: the synthetic objects are 14-70 px at S = 160 in its hard mix (0.09-0.44 of the side; 32-72 px
-by default), NEON tree crowns about 0.07-0.10. The stride-8 level's squares (11 and 16 px at 160) sit at 1.4-2 cells, small enough for the
-smallest objects yet matched by IoU >= 0.5 to 14-20 px boxes; each coarser level roughly doubles the
-scale, following SSD300's 0.07/0.15/0.33/0.51/0.69/0.87 progression. Only four anchors per cell on
-level0 (the largest grid) keep the anchor count and head cost low: 2420 anchors at S = 160. Anchor
+by default), NEON tree crowns about 0.07-0.10. The stride-8 level's squares (11 and 16 px at 160) sit at
+1.4-2 cells, small enough for the smallest objects yet matched by IoU >= 0.5 to 14-20 px boxes; each coarser
+level roughly doubles the scale, following SSD300's 0.07/0.15/0.33/0.51/0.69/0.87 progression. Only four
+anchors per cell on level0 (the largest grid) keep the anchor count and head cost low: 2420 anchors at S = 160. Anchor
 centres are spread evenly over the image (``steps=None``), because with ``ceil`` padding the coarse
 grids (3x3 and 2x2 at S = 160) would otherwise put centres outside the image.
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +72,7 @@ def new_head(in_channels: list[int], num_anchors: list[int], num_classes: int) -
     return head
 
 
-def build_detector(cfg: DetectorConfig) -> "SSDDetector":
+def build_detector(cfg: DetectorConfig) -> SSDDetector:
     """The normal path: registered backbone (optionally with ImageNet weights) + extras + a fresh SSDHead.
 
     Raises:
@@ -91,8 +90,10 @@ def check_detector_config(cfg: DetectorConfig, where: str = "detector") -> None:
     """``cfg.validate`` plus what only the models know: that the backbone is registered."""
     cfg.validate(where)
     if cfg.backbone not in available_backbones():
-        raise ConfigError(f"{where}.backbone={short_repr(cfg.backbone)}: unknown backbone; "
-                          f"choose one of {', '.join(available_backbones())}")
+        raise ConfigError(
+            f"{where}.backbone={short_repr(cfg.backbone)}: unknown backbone; "
+            f"choose one of {', '.join(available_backbones())}"
+        )
 
 
 def level_names_for(cfg: DetectorConfig) -> list[str]:
@@ -128,9 +129,9 @@ class SSDDetector(SSD):
         feature_extractor: nn.Module,
         level_channels: Mapping[str, int],
         level_strides: Mapping[str, int],
-        head: Optional[nn.Module],
+        head: nn.Module | None,
         cfg: DetectorConfig,
-        anchor_generator: Optional[DefaultBoxGenerator] = None,
+        anchor_generator: DefaultBoxGenerator | None = None,
     ) -> None:
         if list(level_channels) != list(level_strides):
             raise ValueError(f"level_channels {list(level_channels)} and level_strides {list(level_strides)} differ")
@@ -177,7 +178,7 @@ class SSDDetector(SSD):
         features: Mapping[str, Tensor],
         targets: Sequence[Mapping[str, Tensor]],
         image_size: int | tuple[int, int],
-        head: Optional[nn.Module] = None,
+        head: nn.Module | None = None,
     ) -> dict[str, Tensor]:
         """SSD losses of ``head`` (default: this detector's) on ``features``.
 
@@ -207,7 +208,7 @@ class SSDDetector(SSD):
         features: Mapping[str, Tensor],
         image_size: int | tuple[int, int],
         orig_sizes: Sequence[tuple[int, int]],
-        head: Optional[nn.Module] = None,
+        head: nn.Module | None = None,
     ) -> list[dict[str, Tensor]]:
         """Post-processed detections of ``head`` (default: this detector's), in original coordinates.
 
@@ -229,7 +230,7 @@ class SSDDetector(SSD):
         self,
         images: Tensor,
         orig_sizes: Sequence[tuple[int, int]],
-        autocast: Optional[contextlib.AbstractContextManager] = None,
+        autocast: contextlib.AbstractContextManager | None = None,
     ) -> list[dict[str, Tensor]]:
         """Detections on images already resized to ``S x S``: the one prediction path of training's validation
         (``TrainStep.predict``) and of an export's evaluation, so both give the same figure.
@@ -305,11 +306,11 @@ class SSDDetector(SSD):
             self._anchor_cache[key] = cached
         return cached
 
-    def feature_shapes(self, image_size: Optional[int] = None) -> OrderedDict[str, tuple[int, int]]:
+    def feature_shapes(self, image_size: int | None = None) -> OrderedDict[str, tuple[int, int]]:
         """``{level: (h, w)}`` for an ``image_size`` (default: this detector's ``S``) input, no forward pass."""
         return feature_shapes(self.image_size if image_size is None else image_size, self.level_strides)
 
-    def _run_head(self, levels: list[Tensor], head: Optional[nn.Module]) -> dict[str, Tensor]:
+    def _run_head(self, levels: list[Tensor], head: nn.Module | None) -> dict[str, Tensor]:
         """Run ``head`` (default: this detector's) and return its outputs in float32.
 
         Under bf16 autocast decoded boxes would otherwise keep ~3 significant digits (2 px steps at 256-512 px).

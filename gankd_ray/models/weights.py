@@ -171,4 +171,3 @@ def _is_valid(path: Path, source: WheelSource) -> bool:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-

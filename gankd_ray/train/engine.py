@@ -16,8 +16,10 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ class Runtime(Protocol):
 
     def node(self) -> str | None: ...
 
-    def latest_checkpoint(self) -> ContextManager[str | None]:
+    def latest_checkpoint(self) -> AbstractContextManager[str | None]:
         """A local folder holding the latest checkpoint of this run (None for a fresh run)."""
 
     def report(self, record: EpochRecord, checkpoint_dir: str | None) -> None:
@@ -102,8 +104,15 @@ def _finish_record(record: EpochRecord, job: TrainJob, best: dict, runtime: Runt
         record.status = Status.COMPLETED
 
 
-def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, data: EpochData, epoch: int,
-              clock: dict[str, float] | None = None, scored: bool = True) -> EpochRecord:
+def run_epoch(
+    step,
+    cfg: RunConfig,
+    ctx: WorkerContext,
+    data: EpochData,
+    epoch: int,
+    clock: dict[str, float] | None = None,
+    scored: bool = True,
+) -> EpochRecord:
     """Train one epoch and evaluate; a non-finite loss ends training with status ``diverged``.
 
     ``clock``: start-up times for the record (a worker's first epoch); gets ``first_step_at``, the wall time
@@ -124,16 +133,30 @@ def run_epoch(step, cfg: RunConfig, ctx: WorkerContext, data: EpochData, epoch: 
         quality = dict(DIVERGED_QUALITY)
     else:
         quality = evaluate(step.predict, data.val, data.coco_gt, ctx) if scored else {}
-    throughput = Throughput(world_size=ctx.world_size, images_per_s=len(all_ids) / max(train_s, 1e-9),
-                            train_images=len(all_ids), train_unique_images=len(set(all_ids)), train_s=train_s,
-                            eval_s=time.perf_counter() - eval_started)
+    throughput = Throughput(
+        world_size=ctx.world_size,
+        images_per_s=len(all_ids) / max(train_s, 1e-9),
+        train_images=len(all_ids),
+        train_unique_images=len(set(all_ids)),
+        train_s=train_s,
+        eval_s=time.perf_counter() - eval_started,
+    )
     clock = clock or {}
-    return EpochRecord(epoch=epoch, epochs=cfg.optim.epochs, status=status, quality=quality,
-                       terms=_reduce_mean(terms, ctx), throughput=throughput,
-                       worker_started_at=clock.get("worker_started_at"), first_step_at=clock.get("first_step_at"))
+    return EpochRecord(
+        epoch=epoch,
+        epochs=cfg.optim.epochs,
+        status=status,
+        quality=quality,
+        terms=_reduce_mean(terms, ctx),
+        throughput=throughput,
+        worker_started_at=clock.get("worker_started_at"),
+        first_step_at=clock.get("first_step_at"),
+    )
 
 
-def train_one_epoch(step, loader, epoch: int, clock: dict[str, float] | None = None) -> tuple[dict[str, float], list[int]]:
+def train_one_epoch(
+    step, loader, epoch: int, clock: dict[str, float] | None = None
+) -> tuple[dict[str, float], list[int]]:
     """Returns the mean of every step term over the epoch and the image ids this rank trained on.
 
     ``clock``: when given and without ``first_step_at``, receives the wall time of the first finished step.
@@ -215,9 +238,16 @@ def build_data(cfg: RunConfig, ctx: WorkerContext) -> EpochData:
 
     def loader(split: str, train: bool) -> DetectionBatchLoader:
         return DetectionBatchLoader.from_dataset(
-            cfg.data.path, split, cfg.detector.image_size, cfg.optim.batch_size,
-            train=train, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
-            hflip=cfg.data.hflip and train, jitter=cfg.data.jitter if train else 0.0,
+            cfg.data.path,
+            split,
+            cfg.detector.image_size,
+            cfg.optim.batch_size,
+            train=train,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=cfg.seed,
+            hflip=cfg.data.hflip and train,
+            jitter=cfg.data.jitter if train else 0.0,
             num_workers=cfg.data.loader_workers,
         )
 

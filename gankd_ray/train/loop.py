@@ -8,7 +8,8 @@ checkpoint (a worker failure, or the same storage+name started again, continues 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from gankd_ray.records import EpochRecord
 from gankd_ray.train.spec import TrainJob

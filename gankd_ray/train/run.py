@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ray.train import UserCallback
 
@@ -80,8 +81,12 @@ class MetricsLog(UserCallback):
 def format_progress(record: EpochRecord, run_name: str) -> str:
     """One line per epoch, named after the run: a search's teacher, baseline and trials train at once."""
     parts = [f"{run_name}: epoch {record.epoch}/{record.epochs}"]
-    figures = {"map": record.map, "ap50": record.ap50, "loss/total": record.terms.get("loss/total"),
-               "images_per_s": record.throughput.images_per_s}
+    figures = {
+        "map": record.map,
+        "ap50": record.ap50,
+        "loss/total": record.terms.get("loss/total"),
+        "images_per_s": record.throughput.images_per_s,
+    }
     parts.extend(f"{key} {value:.4g}" for key, value in figures.items() if isinstance(value, (int, float)))
     parts.append(f"status {record.status}")
     return "[gankd-ray] " + "  ".join(parts)
@@ -107,8 +112,9 @@ def storage_full_error(err: BaseException, storage_uri: str, target: str) -> Sto
         return err
     resume = "then run the same command again to resume from the last checkpoint"
     if _is_storage_full(err):
-        return StorageFullError(f"--storage {storage_uri}: no space left while writing {target} (free some space, "
-                                f"{resume})")
+        return StorageFullError(
+            f"--storage {storage_uri}: no space left while writing {target} (free some space, {resume})"
+        )
     cause = _object_storage_failure(err)
     if cause is not None:
         return StorageFullError(f"--storage {storage_uri}: storage failed during the run ({cause}); {resume}")
@@ -120,8 +126,11 @@ def _is_storage_full(err: BaseException) -> bool:
 
     Ray wraps a worker's ``OSError`` and rebuilds it in this process, so its text is checked as well as its errno.
     """
-    return any((isinstance(cause, OSError) and cause.errno in STORAGE_FULL_ERRNOS)
-               or any(os.strerror(code) in str(cause) for code in STORAGE_FULL_ERRNOS) for cause in _causes(err))
+    return any(
+        (isinstance(cause, OSError) and cause.errno in STORAGE_FULL_ERRNOS)
+        or any(os.strerror(code) in str(cause) for code in STORAGE_FULL_ERRNOS)
+        for cause in _causes(err)
+    )
 
 
 def _object_storage_failure(err: BaseException) -> str | None:

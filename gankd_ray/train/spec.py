@@ -145,4 +145,6 @@ def _check_levels(cfg: RunConfig) -> None:
     known = level_names_for(cfg.detector)
     unknown = [lvl for lvl in cfg.distill.levels if lvl not in known]
     if unknown:
-        raise InputError(f"distill.levels: {unknown[0]!r} is not a level of {cfg.detector.backbone} ({', '.join(known)})")
+        raise InputError(
+            f"distill.levels: {unknown[0]!r} is not a level of {cfg.detector.backbone} ({', '.join(known)})"
+        )

@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 
 from gankd_ray.errors import InputError
+
 ENV_PREFIX = "env:"
 FILE_PREFIX = "file:"
 HIDDEN = "***"
@@ -39,22 +40,26 @@ def is_reference(value: str) -> bool:
 def resolve(value: str) -> str:
     """The database URL that ``value`` (a URL or a reference) stands for."""
     if value.startswith(ENV_PREFIX):
-        name = value[len(ENV_PREFIX):]
+        name = value[len(ENV_PREFIX) :]
         if not os.environ.get(name):
             raise OptunaStorageError(f"--optuna-storage {value}: environment variable {name} is not set")
         return os.environ[name]
     if is_reference(value):
-        path = Path(value[len(FILE_PREFIX):]).expanduser()
+        path = Path(value[len(FILE_PREFIX) :]).expanduser()
         try:
             text = path.read_text().strip()
         except (OSError, UnicodeDecodeError) as err:
-            raise OptunaStorageError(f"--optuna-storage {value}: cannot read {path} ({err.__class__.__name__})") from None
+            raise OptunaStorageError(
+                f"--optuna-storage {value}: cannot read {path} ({err.__class__.__name__})"
+            ) from None
         if not text:
             raise OptunaStorageError(f"--optuna-storage {value}: {path} is empty")
         return text.splitlines()[0]
     if HIDDEN in value:
-        raise OptunaStorageError(f"--optuna-storage {value}: the password was not saved; give --optuna-storage "
-                                 "again (better: env:NAME or file:PATH)")
+        raise OptunaStorageError(
+            f"--optuna-storage {value}: the password was not saved; give --optuna-storage "
+            "again (better: env:NAME or file:PATH)"
+        )
     return value
 
 

@@ -50,41 +50,72 @@ def plan_search(request: SearchRequest, resume: bool = False) -> SearchPlan:
 
     space = load_space(request.space, base, level_names_for(base.detector))
     experiment_dir = request.experiment_dir
-    baseline = resolve_job(TrainJob(config=_copy(base, "student"), storage=experiment_dir, name="baseline",
-                                    resources=request.resources))
+    baseline = resolve_job(
+        TrainJob(config=_copy(base, "student"), storage=experiment_dir, name="baseline", resources=request.resources)
+    )
     teacher_job = None
     if request.teacher is not None:  # check the given teacher against data and student now
-        resolve_job(TrainJob(config=_copy(base, "gankd"), storage=experiment_dir,
-                             name="baseline", teacher=request.teacher, resources=request.resources))
+        resolve_job(
+            TrainJob(
+                config=_copy(base, "gankd"),
+                storage=experiment_dir,
+                name="baseline",
+                teacher=request.teacher,
+                resources=request.resources,
+            )
+        )
         teacher_path = request.teacher
     else:  # last: the ImageNet weights may be fetched, which only valid input should cost
         teacher_cfg = _copy(base, "teacher")
-        teacher_cfg = teacher_cfg.with_overrides({"detector.backbone": TEACHER_BACKBONE,
-                                                  "detector.weights": teacher_weights(request.teacher_weights),
-                                                  "optim.epochs": request.teacher_epochs})
-        teacher_job = resolve_job(TrainJob(config=teacher_cfg, storage=request.storage,
-                                           name=f"{request.name}-teacher", resources=request.resources))
+        teacher_cfg = teacher_cfg.with_overrides(
+            {
+                "detector.backbone": TEACHER_BACKBONE,
+                "detector.weights": teacher_weights(request.teacher_weights),
+                "optim.epochs": request.teacher_epochs,
+            }
+        )
+        teacher_job = resolve_job(
+            TrainJob(
+                config=teacher_cfg, storage=request.storage, name=f"{request.name}-teacher", resources=request.resources
+            )
+        )
         teacher_path = storage.join(teacher_job.run_dir, "best")
     job = SearchJob(
-        base=baseline.config, space=space, storage=request.storage, name=request.name, teacher=teacher_path,
-        num_samples=request.num_samples, max_epochs=request.max_epochs, grace_period=request.grace_period,
-        reduction_factor=request.reduction_factor, resources=request.resources, seed=request.seed,
-        optuna_storage=request.optuna_storage, scheduler=request.scheduler, sampler=request.sampler,
-        max_concurrent=request.max_concurrent, gan_patience=request.gan_patience,
+        base=baseline.config,
+        space=space,
+        storage=request.storage,
+        name=request.name,
+        teacher=teacher_path,
+        num_samples=request.num_samples,
+        max_epochs=request.max_epochs,
+        grace_period=request.grace_period,
+        reduction_factor=request.reduction_factor,
+        resources=request.resources,
+        seed=request.seed,
+        optuna_storage=request.optuna_storage,
+        scheduler=request.scheduler,
+        sampler=request.sampler,
+        max_concurrent=request.max_concurrent,
+        gan_patience=request.gan_patience,
     )
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=resume)
 
 
 def _check_search_options(request: SearchRequest) -> None:
-    minimums = {"--num-samples": (request.num_samples, 1), "--max-epochs": (request.max_epochs, 1),
-                "--reduction-factor": (request.reduction_factor, 2), "--gan-patience": (request.gan_patience, 0),
-                "--max-concurrent": (1 if request.max_concurrent is None else request.max_concurrent, 1)}
+    minimums = {
+        "--num-samples": (request.num_samples, 1),
+        "--max-epochs": (request.max_epochs, 1),
+        "--reduction-factor": (request.reduction_factor, 2),
+        "--gan-patience": (request.gan_patience, 0),
+        "--max-concurrent": (1 if request.max_concurrent is None else request.max_concurrent, 1),
+    }
     for flag, (value, minimum) in minimums.items():
         if value < minimum:
             raise InputError(f"{flag} {value}: must be at least {minimum}")
     if not 1 <= request.grace_period <= request.max_epochs:
-        raise InputError(f"--grace-period {request.grace_period}: must be between 1 and --max-epochs "
-                         f"({request.max_epochs})")
+        raise InputError(
+            f"--grace-period {request.grace_period}: must be between 1 and --max-epochs ({request.max_epochs})"
+        )
     _check_optuna_storage(request.optuna_storage)
 
 
@@ -192,9 +223,7 @@ def _fit_together(jobs: list[TrainJob]) -> bool:
 
 def run_tuner(plan: SearchPlan):
     from gankd_ray.cluster import cluster_resources
-    from gankd_ray.tune.search import build_tuner, restore_tuner
-
-    from gankd_ray.tune.search import can_restore
+    from gankd_ray.tune.search import build_tuner, can_restore, restore_tuner
 
     # A search killed before its tuner started (during the teacher or baseline) simply starts it now.
     if plan.resume and can_restore(plan.job):
@@ -216,9 +245,14 @@ def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: 
     best = res.best_trial(trials)
     best_id = None if best is None else str(best["trial_id"])
     if best is not None and best.get("best_checkpoint"):
-        references = {"teacher": job.teacher, "baseline_val_map": baseline.best_map,
-                      "teacher_val_map": teacher.best_map if teacher else None}
-        export_search_trial(best, job.space.keys, job.experiment_dir, storage.join(job.experiment_dir, "best"), references)
+        references = {
+            "teacher": job.teacher,
+            "baseline_val_map": baseline.best_map,
+            "teacher_val_map": teacher.best_map if teacher else None,
+        }
+        export_search_trial(
+            best, job.space.keys, job.experiment_dir, storage.join(job.experiment_dir, "best"), references
+        )
     table = summary_table(best, job.space.keys, teacher, baseline)
     write_report(storage.join(job.experiment_dir, "report"), trials, epochs, job.space, table, best_id)
     return {"trials": trials, "best": best, "table": table}

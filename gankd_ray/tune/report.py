@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from gankd_ray.utils import plain_value
-
 import math
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from gankd_ray.utils import plain_value
 
 matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -18,20 +18,31 @@ from gankd_ray import storage  # noqa: E402
 from gankd_ray.records import Status  # noqa: E402
 from gankd_ray.tune.space import SearchSpace  # noqa: E402
 
-
 REPORT_FILE = "report.md"  # written last: the report folder is complete when it is there
 
 
-def write_report(out_dir: str, trials: pd.DataFrame, epochs: pd.DataFrame, space: SearchSpace,
-                 summary_table: str, best_trial_id: str | None) -> str:
+def write_report(
+    out_dir: str,
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    space: SearchSpace,
+    summary_table: str,
+    best_trial_id: str | None,
+) -> str:
     """``out_dir`` (any storage location, replaced whole): the PNGs and ``report.md`` linking them."""
     with storage.staging_dir("gankd-report-") as staging:
         _write_report_files(Path(staging), trials, epochs, space, summary_table, best_trial_id)
         return storage.publish_dir(staging, out_dir, REPORT_FILE)
 
 
-def _write_report_files(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, space: SearchSpace,
-                        summary_table: str, best_trial_id: str | None) -> None:
+def _write_report_files(
+    out: Path,
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    space: SearchSpace,
+    summary_table: str,
+    best_trial_id: str | None,
+) -> None:
     figures = {
         "optimisation_history.png": _history(trials),
         "learning_curves.png": _learning_curves(epochs, trials),
@@ -55,7 +66,9 @@ def _history(trials: pd.DataFrame):
         return None
     ordered = trials.reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter(ordered.index, ordered["best_map"], c=["C3" if s != Status.COMPLETED else "C0" for s in ordered["status"]])
+    ax.scatter(
+        ordered.index, ordered["best_map"], c=["C3" if s != Status.COMPLETED else "C0" for s in ordered["status"]]
+    )
     ax.plot(ordered.index, ordered["best_map"].fillna(0).cummax(), color="C2", label="best so far")
     ax.set(xlabel="trial", ylabel="best val mAP", title="Optimisation history (red: stopped/diverged/error)")
     ax.legend()
@@ -102,7 +115,9 @@ def param_importances(trials: pd.DataFrame, space: SearchSpace) -> dict[str, flo
         params = {k: plain_value(row[k]) for k in distributions}
         if any(v is None for v in params.values()):
             continue
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=float(row["best_map"])))
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=distributions, value=float(row["best_map"]))
+        )
     try:
         return optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):
@@ -117,7 +132,6 @@ def _distribution(param):
     if param.type == "int":
         return d.IntDistribution(int(param.low), int(param.high), log=param.log)
     return d.FloatDistribution(param.low, param.high, log=param.type == "loguniform")
-
 
 
 def _disc_diagnostics(epochs: pd.DataFrame, trial_id: str | None):

@@ -34,8 +34,11 @@ DEFAULT_SPACE = str(Path(__file__).resolve().parents[2] / "search_spaces" / "def
 # ``--smoke``: the smallest search that shows every feature (ASHA cuts after one epoch of three).
 SMOKE = {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2, "teacher_epochs": 3}
 # request fields whose CLI flag has another name
-RESOURCE_FLAGS = {"workers": "workers_per_trial", "cpus_per_worker": "cpus_per_worker",
-                  "gpus_per_worker": "gpus_per_worker"}
+RESOURCE_FLAGS = {
+    "workers": "workers_per_trial",
+    "cpus_per_worker": "cpus_per_worker",
+    "gpus_per_worker": "gpus_per_worker",
+}
 
 
 def default_grace_period(max_epochs: int) -> int:
@@ -70,9 +73,11 @@ class SearchRequest:
     optuna_storage: str | None = None
     smoke: bool = False
 
-    def resolved(self) -> "SearchRequest":
+    def resolved(self) -> SearchRequest:
         """A copy with ``--smoke`` and the defaults applied and every location absolute."""
-        request = dataclasses.replace(self, overrides=list(self.overrides), resources=dataclasses.replace(self.resources))
+        request = dataclasses.replace(
+            self, overrides=list(self.overrides), resources=dataclasses.replace(self.resources)
+        )
         if request.smoke:
             request.num_samples = max(request.num_samples, SMOKE["num_samples"])
             request.max_epochs, request.grace_period = SMOKE["max_epochs"], SMOKE["grace_period"]
@@ -104,7 +109,7 @@ class SearchRequest:
         return yaml.safe_dump(plain, sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str, where: str) -> "SearchRequest":
+    def from_yaml(cls, text: str, where: str) -> SearchRequest:
         try:
             plain = load_yaml(text)
         except yaml.YAMLError as err:
@@ -120,7 +125,7 @@ class SearchRequest:
         return plain
 
     @classmethod
-    def from_cli(cls, args: Any) -> "SearchRequest":
+    def from_cli(cls, args: Any) -> SearchRequest:
         """The request a parsed command line (``argparse.Namespace`` with the flags' names) asks for."""
         names = {f.name for f in dataclasses.fields(cls)} - {"resources"}
         resources = Resources(**{name: getattr(args, flag) for name, flag in RESOURCE_FLAGS.items()})
@@ -143,8 +148,9 @@ def load_request(storage_uri: str, name: str) -> SearchRequest:
     if not storage.exists(path):
         older = storage.exists(storage.join(experiment_dir, "search.json"))
         hint = " (it was started by an older gankd-ray, which saved search.json: resume it with that version)"
-        raise InputError(f"--resume: no experiment named {name!r} in {storage_uri} ({path} is missing)"
-                         + (hint if older else ""))
+        raise InputError(
+            f"--resume: no experiment named {name!r} in {storage_uri} ({path} is missing)" + (hint if older else "")
+        )
     check_trusted_experiment(experiment_dir)
     request = SearchRequest.from_yaml(storage.read_text(path), where=path)
     # the folder the user names now is the experiment, wherever it was when the search started
@@ -162,8 +168,12 @@ def check_trusted_experiment(experiment_dir: str) -> None:
     for path in [root, *root.rglob("*")]:
         status = path.lstat()
         if status.st_uid != os.getuid():
-            raise InputError(f"--resume: {path} belongs to uid {status.st_uid}, not to you (uid {os.getuid()}); "
-                             "resuming unpickles state from this folder, which can run code: refused")
+            raise InputError(
+                f"--resume: {path} belongs to uid {status.st_uid}, not to you (uid {os.getuid()}); "
+                "resuming unpickles state from this folder, which can run code: refused"
+            )
         if status.st_mode & 0o022 and not path.is_symlink():
-            raise InputError(f"--resume: {path} is writable by others (mode {status.st_mode & 0o777:o}); resuming "
-                             "unpickles state from this folder, which can run code: refused (chmod go-w it)")
+            raise InputError(
+                f"--resume: {path} is writable by others (mode {status.st_mode & 0o777:o}); resuming "
+                "unpickles state from this folder, which can run code: refused (chmod go-w it)"
+            )

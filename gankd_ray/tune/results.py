@@ -16,12 +16,29 @@ from gankd_ray import ray_compat, storage
 from gankd_ray.distill.health import gan_verdict
 from gankd_ray.records import EpochRecord, Status, best_record, read_records
 
-TRIAL_COLUMNS = ["trial_id", "status", "epochs", "best_map", "best_ap50", "last_map", "wall_s", "node", "error",
-                 "gan_reason"]
+TRIAL_COLUMNS = [
+    "trial_id",
+    "status",
+    "epochs",
+    "best_map",
+    "best_ap50",
+    "last_map",
+    "wall_s",
+    "node",
+    "error",
+    "gan_reason",
+]
 
 
-def trial_row(trial_id: str, params: dict[str, Any], records: list[EpochRecord], error: str | None,
-              max_epochs: int, keys: list[str], gan_patience: int = 0) -> dict[str, Any]:
+def trial_row(
+    trial_id: str,
+    params: dict[str, Any],
+    records: list[EpochRecord],
+    error: str | None,
+    max_epochs: int,
+    keys: list[str],
+    gan_patience: int = 0,
+) -> dict[str, Any]:
     """One trials.parquet row from a trial's epoch records and Tune's error (if any).
 
     ``gan_patience``: the search's GanHealthStopper patience; a trial that stopped early on its verdict is
@@ -78,8 +95,9 @@ def _wall_seconds(records: list[EpochRecord]) -> float:
     return max(ended) - min(started)
 
 
-def collect(result_grid, trials_dir: str, max_epochs: int, keys: list[str],
-            gan_patience: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect(
+    result_grid, trials_dir: str, max_epochs: int, keys: list[str], gan_patience: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, epochs) tables from a Tune ResultGrid and the trials' metrics logs."""
     trial_rows, epoch_rows = [], []
     for result in result_grid:

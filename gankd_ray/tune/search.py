@@ -88,7 +88,8 @@ def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
         limit = min(limit, math.floor(resources.get("GPU", 0) / need["GPU"] + 1e-9))
     if limit < 1:
         raise InputError(
-            f"one trial needs {need['CPU']:g} CPU" + (f" and {need['GPU']:g} GPU" if job.resources.use_gpu else "")
+            f"one trial needs {need['CPU']:g} CPU"
+            + (f" and {need['GPU']:g} GPU" if job.resources.use_gpu else "")
             + f" but the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU in all"
         )
     if job.max_concurrent:
@@ -141,7 +142,6 @@ def finished_run(run_dir: str) -> EpochRecord | None:
 
 def build_tuner(job: SearchJob, resources: dict[str, float]):
     """A fresh Tuner for ``job`` (use ``restore_tuner`` to continue an interrupted one)."""
-    import optuna
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -154,12 +154,16 @@ def build_tuner(job: SearchJob, resources: dict[str, float]):
         study_name=job.name,
         storage=_optuna_storage(job.optuna_storage),
     )
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=job.max_epochs,
-        grace_period=job.grace_period,
-        reduction_factor=job.reduction_factor,
-    ) if job.scheduler == "asha" else FIFOScheduler()
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=job.max_epochs,
+            grace_period=job.grace_period,
+            reduction_factor=job.reduction_factor,
+        )
+        if job.scheduler == "asha"
+        else FIFOScheduler()
+    )
     return ray.tune.Tuner(
         _trainable(job),
         tune_config=ray.tune.TuneConfig(
@@ -198,8 +202,13 @@ def build_sampler(job: SearchJob):
         return optuna.samplers.RandomSampler(seed=job.seed)
     with warnings.catch_warnings():  # multivariate, group and constant_liar are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=job.seed, n_startup_trials=startup_trials(job.num_samples),
-                                          multivariate=True, group=True, constant_liar=True)
+        return optuna.samplers.TPESampler(
+            seed=job.seed,
+            n_startup_trials=startup_trials(job.num_samples),
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+        )
 
 
 class GanHealthStopper:

@@ -161,9 +161,7 @@ def load_space(path: str | Path, config: RunConfig | None = None, level_names: l
         raise SpaceError(f"{path}: top level must be a mapping with 'params' (and optional 'base')")
     unknown = sorted(set(data) - {"base", "params", "description"}, key=str)
     if unknown:
-        raise SpaceError(
-            f"{path}: unknown top-level key {short_repr(unknown[0])} (expected base, params, description)"
-        )
+        raise SpaceError(f"{path}: unknown top-level key {short_repr(unknown[0])} (expected base, params, description)")
     raw_params = data.get("params")
     if not isinstance(raw_params, dict) or not raw_params:
         raise SpaceError(f"{path}: 'params' must be a non-empty mapping")
@@ -182,8 +180,9 @@ def load_space(path: str | Path, config: RunConfig | None = None, level_names: l
 def _parse_param(path: Path, key: str, spec: Any) -> Param:
     if key not in PARAM_PATHS:
         # YAML keys are scalars, so str() is cheap; cut, since the key is the user's.
-        raise SpaceError(f"{path}: params.{str(key)[:SHORT_REPR_CHARS]}: unknown parameter "
-                         f"(known: {', '.join(PARAM_PATHS)})")
+        raise SpaceError(
+            f"{path}: params.{str(key)[:SHORT_REPR_CHARS]}: unknown parameter (known: {', '.join(PARAM_PATHS)})"
+        )
     where = f"{path}: params.{key}"
     if not isinstance(spec, dict):
         value = encode_levels(spec, where) if key == "levels" else spec
