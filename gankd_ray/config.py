@@ -49,7 +49,7 @@ class _BoundedLoader(yaml.SafeLoader):
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with bounds; every failure is a ``yaml.YAMLError`` with a one-line message."""
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except ValueError as err:  # an integer of over 4300 digits

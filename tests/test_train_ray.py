@@ -322,7 +322,7 @@ def test_killed_worker_restarts_from_checkpoint(local_ray, synthetic_data, tmp_p
     def fit():
         try:
             outcome["summary"] = run_training(job)
-        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+        except BaseException as err:  # reported by the main thread
             outcome["error"] = err
 
     thread = threading.Thread(target=fit, daemon=True)
@@ -387,5 +387,5 @@ def test_a_run_whose_controller_dies_gives_its_cpus_back(local_ray, synthetic_da
 def _ignore_errors(fn, *args) -> None:
     try:
         fn(*args)
-    except BaseException:  # noqa: BLE001 - the run is meant to die with its controller
+    except BaseException:  # the run is meant to die with its controller
         pass

@@ -81,6 +81,6 @@ def dataset_classes(path: str | None) -> list[str] | None:
 
     try:
         classes = read_dataset_info(path).get("classes")
-    except Exception:  # noqa: BLE001 - the names are a nicety; the dataset may live elsewhere
+    except Exception:  # the names are a nicety; the dataset may live elsewhere
         return None
     return [str(c) for c in classes] if isinstance(classes, list) else None

@@ -171,7 +171,7 @@ def load_onnx(model_dir: str, detector) -> OnnxDetector:
         return OnnxDetector(data, detector)
     except UserError:  # OnnxUnavailable: the extra is not installed
         raise
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types for a bad file
+    except Exception as err:  # onnxruntime raises its own exception types for a bad file
         raise ExportError(f"{file}: unreadable ONNX model ({first_line(err)[:300]})") from None
 
 

@@ -102,7 +102,7 @@ def read_picture(path: str, max_pixels: int = DEFAULT_MAX_PIXELS):
             problem = image_header_problem(image, max_pixels)
             if not problem:
                 return image.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
+    except Exception as err:  # PIL raises many kinds for a bad file
         raise InferenceError(f"{path}: not a readable image ({first_line(err)})") from None
     raise InferenceError(f"{path}: {problem}")
 

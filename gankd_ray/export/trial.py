@@ -30,7 +30,7 @@ def read_trials(experiment_dir: str) -> Any:
     data = read_input(path, "not found (not a finished search experiment directory)")
     try:
         return pd.read_parquet(io.BytesIO(data))
-    except Exception as err:  # noqa: BLE001 - any unreadable table is a user error here
+    except Exception as err:  # any unreadable table is a user error here
         raise InferenceError(f"{path}: unreadable ({first_line(err)})") from None
 
 

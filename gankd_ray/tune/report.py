@@ -11,12 +11,12 @@ import matplotlib
 from gankd_ray.utils import plain_value
 
 matplotlib.use("Agg")  # headless: workers and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from gankd_ray import storage  # noqa: E402
-from gankd_ray.records import Status  # noqa: E402
-from gankd_ray.tune.space import SearchSpace  # noqa: E402
+from gankd_ray import storage
+from gankd_ray.records import Status
+from gankd_ray.tune.space import SearchSpace
 
 REPORT_FILE = "report.md"  # written last: the report folder is complete when it is there
 
