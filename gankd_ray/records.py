@@ -127,21 +127,9 @@ class EpochRecord:
         )
 
 
-# COCOeval's figures (gankd_ray.eval.evaluate_coco): a record's quality, the rest of its numbers are terms.
-QUALITY_KEYS = (
-    "map",
-    "ap50",
-    "ap75",
-    "ap_small",
-    "ap_medium",
-    "ap_large",
-    "ar1",
-    "ar10",
-    "ar100",
-    "ar_small",
-    "ar_medium",
-    "ar_large",
-)
+# COCOeval's figures, in COCOeval.stats order (bbox): AP@[.5:.95], AP50, AP75, AP small/medium/large, AR@1,
+# AR@10, AR@100, AR small/medium/large. A record's quality; the rest of its numbers are terms.
+QUALITY_KEYS = tuple("map ap50 ap75 ap_small ap_medium ap_large ar1 ar10 ar100 ar_small ar_medium ar_large".split())
 _SCALAR_FIELDS = (
     "epoch",
     "epochs",

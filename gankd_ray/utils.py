@@ -9,7 +9,7 @@ import reprlib
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -110,3 +110,31 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Named plug-ins of one kind (dataset sources, backbones), registered once at import."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def add(self, name: str, item: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = item
+        return item
+
+    def names(self) -> list[str]:
+        """Names in registration order."""
+        return list(self._items)
+
+    def get(self, name: str) -> T:
+        """The item of ``name``; ``KeyError`` (one line) names the choices."""
+        try:
+            return self._items[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self._items)}") from None

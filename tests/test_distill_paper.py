@@ -11,6 +11,7 @@ import torch
 from gankd_ray.config import DetectorConfig, RunConfig
 from gankd_ray.distill import build_step
 from gankd_ray.models import build_detector
+from gankd_ray.tune.request import SearchRequest
 from gankd_ray.tune.search import SearchJob
 from gankd_ray.tune.space import load_space
 
@@ -28,7 +29,8 @@ def paper_trial_config(tmp_path: Path) -> RunConfig:
         teacher=DetectorConfig(backbone=TEACHER, num_classes=NUM_CLASSES, image_size=SIZE),
     )
     space = load_space(ROOT / "search_spaces" / "paper.yaml", base)
-    job = SearchJob(base=base, space=space, storage=str(tmp_path), name="paper", teacher="unused", max_epochs=2)
+    request = SearchRequest(storage=str(tmp_path), name="paper", max_epochs=2)
+    job = SearchJob(base=base, space=space, teacher="unused", request=request)
     trial = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0)).ask()
     constants = space.sample(trial)
     assert trial.params == {}  # nothing is searched: the recipe is one point

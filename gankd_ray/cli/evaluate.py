@@ -17,26 +17,15 @@ import argparse
 import json
 
 from gankd_ray.cli import entry
+from gankd_ray.cli.options import add_export_options
 from gankd_ray.errors import InputError, UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gankd-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", required=True, help="export folder (student.pt, student.ts, student.onnx, card.json)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_options(parser, "evaluate")
     parser.add_argument("--data", required=True, help="prepared dataset folder or URI")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument(
-        "--torchscript",
-        action="store_true",
-        help="evaluate student.ts instead of student.pt (TorchScript is code: trusted files only)",
-    )
-    parser.add_argument(
-        "--onnx", action="store_true", help="evaluate student.onnx in onnxruntime on the CPU (trusted files only)"
-    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0, help="background image decoding processes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

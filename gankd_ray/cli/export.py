@@ -14,9 +14,7 @@ from gankd_ray.cli import entry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gankd-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True, help="search experiment folder or URI (<storage>/<name>)")
     parser.add_argument("--out", required=True, help="export folder to write (replaced whole)")
     parser.add_argument("--trial", help="trial id (default: the best healthy trial of trials.parquet)")

@@ -18,28 +18,17 @@ from __future__ import annotations
 import argparse
 
 from gankd_ray.cli import entry
+from gankd_ray.cli.options import add_export_options
 from gankd_ray.data.validate import DEFAULT_MAX_PIXELS
 from gankd_ray.errors import InputError, UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gankd-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", required=True, help="export folder (student.pt, student.ts, student.onnx, card.json)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_options(parser, "run")
     parser.add_argument("--images", required=True, nargs="+", help="image files")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this")
-    parser.add_argument(
-        "--torchscript",
-        action="store_true",
-        help="run student.ts instead of student.pt (TorchScript is code: trusted files only)",
-    )
-    parser.add_argument(
-        "--onnx", action="store_true", help="run student.onnx in onnxruntime on the CPU (trusted files only)"
-    )
     parser.add_argument(
         "--max-pixels",
         type=int,

@@ -20,15 +20,23 @@ from gankd_ray.tune.search import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = SearchRequest()
+    """Every option of ``SearchRequest`` (its values are the defaults), and where to connect."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_inputs(p)
+    _add_budget(p)
+    _add_connection(p)
+    p.add_argument("overrides", nargs="*", help="key=value base config overrides")
+    p.set_defaults(**SearchRequest().cli_defaults())
+    return p
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--from",
         dest="from_file",
         metavar="FILE",
         help="a saved search request (an experiment's search.yaml) whose options are the defaults here",
     )
-    p.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument("--data", help="prepared dataset folder or URI")
     p.add_argument("--storage", help="experiments folder or URI")
     p.add_argument("--name", help="experiment name")
@@ -40,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--space", help="search space YAML")
     p.add_argument("--config", help="base run config YAML")
+    p.add_argument(
+        "--optuna-storage",
+        help="Optuna RDB URL to persist the study (e.g. sqlite:///study.db); a URL with a password is "
+        "better given as env:NAME (an environment variable) or file:PATH (a secret file)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted experiment --name in --storage with the options it was started with",
+    )
+
+
+def _add_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, help="trials")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops")
     p.add_argument(
@@ -69,17 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument(
-        "--optuna-storage",
-        help="Optuna RDB URL to persist the study (e.g. sqlite:///study.db); a URL with a password is "
-        "better given as env:NAME (an environment variable) or file:PATH (a secret file)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the interrupted experiment --name in --storage with the options it was started with",
-    )
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
+    """Where and how to connect: never saved, a resume takes them from its own command line."""
+    p.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument(
         "--dashboard-host",
         default="127.0.0.1",
@@ -91,9 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow --dashboard-host beyond loopback with RAY_AUTH_MODE=disabled (an open job-submission "
         "endpoint: anyone who reaches it runs code as you)",
     )
-    p.add_argument("overrides", nargs="*", help="key=value base config overrides")
-    p.set_defaults(**defaults.cli_defaults())
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,22 +21,11 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from gankd_ray.data.reader import read_dataset_json
+from gankd_ray.records import QUALITY_KEYS
 
 # COCOeval.stats order (bbox): AP@[.5:.95], AP50, AP75, AP small/medium/large, AR@1, AR@10, AR@100, AR s/m/l.
-STAT_NAMES = (
-    "map",
-    "ap50",
-    "ap75",
-    "ap_small",
-    "ap_medium",
-    "ap_large",
-    "ar1",
-    "ar10",
-    "ar100",
-    "ar_small",
-    "ar_medium",
-    "ar_large",
-)
+# Named once, in gankd_ray.records (an epoch record's quality), which imports neither torch nor pycocotools.
+STAT_NAMES = QUALITY_KEYS
 
 
 def load_coco(uri: str, split: str) -> COCO:

@@ -31,6 +31,8 @@ from functools import partial
 import torchvision
 from torch import Tensor, nn
 
+from gankd_ray.utils import Registry
+
 LEVEL_STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
 # Running-statistics momentum of every BatchNorm (torch's default). torchvision's MobileNetV3 uses 0.01,
 # tuned for 600-epoch ImageNet runs: after a few hundred steps from scratch its running statistics
@@ -58,7 +60,7 @@ class BackboneSpec:
     extra_channels: tuple[int, int]
 
 
-_REGISTRY: dict[str, BackboneSpec] = {}
+_REGISTRY: Registry[BackboneSpec] = Registry("backbone")
 
 
 def register(
@@ -67,9 +69,7 @@ def register(
     """Decorator registering a classifier factory under ``name`` (timm's ``register_model``)."""
 
     def decorate(build_classifier: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = BackboneSpec(name, build_classifier, blocks, tuple(extra_channels))
+        _REGISTRY.add(name, BackboneSpec(name, build_classifier, blocks, tuple(extra_channels)))
         return build_classifier
 
     return decorate
@@ -77,15 +77,12 @@ def register(
 
 def available_backbones() -> list[str]:
     """Registered backbone names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def backbone_spec(name: str) -> BackboneSpec:
     """The registry entry for ``name``; ``KeyError`` names the choices."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown backbone {name!r}; choose one of {', '.join(available_backbones())}") from None
+    return _REGISTRY.get(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,52 +53,35 @@ def plan_search(request: SearchRequest, resume: bool = False) -> SearchPlan:
     baseline = resolve_job(
         TrainJob(config=_copy(base, "student"), storage=experiment_dir, name="baseline", resources=request.resources)
     )
-    teacher_job = None
-    if request.teacher is not None:  # check the given teacher against data and student now
-        resolve_job(
-            TrainJob(
-                config=_copy(base, "gankd"),
-                storage=experiment_dir,
-                name="baseline",
-                teacher=request.teacher,
-                resources=request.resources,
-            )
-        )
-        teacher_path = request.teacher
-    else:  # last: the ImageNet weights may be fetched, which only valid input should cost
-        teacher_cfg = _copy(base, "teacher")
-        teacher_cfg = teacher_cfg.with_overrides(
-            {
-                "detector.backbone": TEACHER_BACKBONE,
-                "detector.weights": teacher_weights(request.teacher_weights),
-                "optim.epochs": request.teacher_epochs,
-            }
-        )
-        teacher_job = resolve_job(
-            TrainJob(
-                config=teacher_cfg, storage=request.storage, name=f"{request.name}-teacher", resources=request.resources
-            )
-        )
-        teacher_path = storage.join(teacher_job.run_dir, "best")
-    job = SearchJob(
-        base=baseline.config,
-        space=space,
-        storage=request.storage,
-        name=request.name,
-        teacher=teacher_path,
-        num_samples=request.num_samples,
-        max_epochs=request.max_epochs,
-        grace_period=request.grace_period,
-        reduction_factor=request.reduction_factor,
-        resources=request.resources,
-        seed=request.seed,
-        optuna_storage=request.optuna_storage,
-        scheduler=request.scheduler,
-        sampler=request.sampler,
-        max_concurrent=request.max_concurrent,
-        gan_patience=request.gan_patience,
-    )
+    teacher_job, teacher_path = _teacher(request, base)
+    job = SearchJob(base=baseline.config, space=space, teacher=teacher_path, request=request)
     return SearchPlan(job=job, teacher_job=teacher_job, baseline_job=baseline, resume=resume)
+
+
+def _teacher(request: SearchRequest, base: RunConfig) -> tuple[TrainJob | None, str]:
+    """The teacher's location, and the job that trains it (None when ``--teacher`` gave one)."""
+    if request.teacher is not None:  # check the given teacher against data and student now
+        job = TrainJob(
+            config=_copy(base, "gankd"),
+            storage=request.experiment_dir,
+            name="baseline",
+            teacher=request.teacher,
+            resources=request.resources,
+        )
+        resolve_job(job)
+        return None, request.teacher
+    # last: the ImageNet weights may be fetched, which only valid input should cost
+    config = _copy(base, "teacher").with_overrides(
+        {
+            "detector.backbone": TEACHER_BACKBONE,
+            "detector.weights": teacher_weights(request.teacher_weights),
+            "optim.epochs": request.teacher_epochs,
+        }
+    )
+    job = resolve_job(
+        TrainJob(config=config, storage=request.storage, name=f"{request.name}-teacher", resources=request.resources)
+    )
+    return job, storage.join(job.run_dir, "best")
 
 
 def _check_search_options(request: SearchRequest) -> None:
@@ -240,7 +223,9 @@ def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: 
     from gankd_ray.tune.report import write_report
 
     job = plan.job
-    trials, epochs = res.collect(result_grid, job.trials_dir, job.max_epochs, job.space.keys, job.gan_patience)
+    trials, epochs = res.collect(
+        result_grid, job.trials_dir, job.request.max_epochs, job.space.keys, job.request.gan_patience
+    )
     res.write_tables(job.experiment_dir, trials, epochs)
     best = res.best_trial(trials)
     best_id = None if best is None else str(best["trial_id"])

@@ -16,18 +16,7 @@ from gankd_ray import ray_compat, storage
 from gankd_ray.distill.health import gan_verdict
 from gankd_ray.records import EpochRecord, Status, best_record, read_records
 
-TRIAL_COLUMNS = [
-    "trial_id",
-    "status",
-    "epochs",
-    "best_map",
-    "best_ap50",
-    "last_map",
-    "wall_s",
-    "node",
-    "error",
-    "gan_reason",
-]
+TRIAL_COLUMNS = "trial_id status epochs best_map best_ap50 last_map wall_s node error gan_reason".split()
 
 
 def trial_row(

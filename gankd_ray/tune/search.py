@@ -18,10 +18,11 @@ from typing import Any
 
 from gankd_ray import ray_compat, storage
 from gankd_ray.config import RunConfig
-from gankd_ray.distill.health import DEFAULT_PATIENCE, gan_verdict
+from gankd_ray.distill.health import gan_verdict
 from gankd_ray.errors import InputError
 from gankd_ray.records import EpochRecord, RunContext, read_records
-from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, Resources, TrainJob
+from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, TrainJob
+from gankd_ray.tune.request import SearchRequest
 from gankd_ray.tune.space import SearchSpace
 
 # What the searcher and ASHA compare: the trial's best val mAP so far, 0 once it diverged (EpochRecord.score).
@@ -41,29 +42,22 @@ DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20, **ray_compat.head_node_share()}
 
 @dataclass
 class SearchJob:
-    """Everything the tuner needs, resolved from a ``SearchRequest`` by ``pipeline.plan_search``."""
+    """What the tuner runs: the request, and what ``pipeline.plan_search`` resolved from it (the base config
+    every trial starts from, the parsed space, the teacher's location)."""
 
     base: RunConfig
     space: SearchSpace
-    storage: str
-    name: str
     teacher: str
-    num_samples: int = 8
-    max_epochs: int = 3
-    grace_period: int = 1
-    reduction_factor: int = 2
-    resources: Resources = field(default_factory=Resources)  # of each trial
-    max_failures: int = 1
-    seed: int = 0
-    optuna_storage: str | None = None
-    max_concurrent: int | None = None
-    scheduler: str = "asha"  # or "fifo": every trial runs max_epochs (benchmarks compare the two)
-    sampler: str = "tpe"  # or "random": Optuna's RandomSampler at the same budget
-    gan_patience: int = DEFAULT_PATIENCE  # epochs of an ended adversarial game before its trial stops (0: never)
+    request: SearchRequest = field(default_factory=SearchRequest)
+    max_failures: int = 1  # worker failures a trial survives (Ray Train restarts it from its last checkpoint)
+
+    @property
+    def name(self) -> str:
+        return self.request.name
 
     @property
     def experiment_dir(self) -> str:
-        return storage.join(storage.normalize_uri(self.storage), self.name)
+        return self.request.experiment_dir
 
     @property
     def trials_dir(self) -> str:
@@ -72,7 +66,7 @@ class SearchJob:
     def trial_config(self, params: dict[str, Any]) -> RunConfig:
         config = self.base.with_overrides(self.space.to_overrides(params))
         config.role = "gankd"
-        config.optim.epochs = self.max_epochs
+        config.optim.epochs = self.request.max_epochs
         return config
 
 
@@ -82,19 +76,19 @@ def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
     Each trial's driver takes no resources; its workers take ``workers * cpus`` (and GPUs).
     Raises ``InputError`` when even one trial can never fit.
     """
-    need = job.resources.total()
+    need = job.request.resources.total()
     limit = math.floor(resources.get("CPU", 0) / need["CPU"] + 1e-9)
-    if job.resources.use_gpu:
+    if job.request.resources.use_gpu:
         limit = min(limit, math.floor(resources.get("GPU", 0) / need["GPU"] + 1e-9))
     if limit < 1:
         raise InputError(
             f"one trial needs {need['CPU']:g} CPU"
-            + (f" and {need['GPU']:g} GPU" if job.resources.use_gpu else "")
+            + (f" and {need['GPU']:g} GPU" if job.request.resources.use_gpu else "")
             + f" but the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU in all"
         )
-    if job.max_concurrent:
-        limit = min(limit, job.max_concurrent)
-    return max(1, min(limit, job.num_samples))
+    if job.request.max_concurrent:
+        limit = min(limit, job.request.max_concurrent)
+    return max(1, min(limit, job.request.num_samples))
 
 
 def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
@@ -116,7 +110,7 @@ def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
         storage=job.trials_dir,
         name=trial_id,
         teacher=job.teacher,
-        resources=job.resources,
+        resources=job.request.resources,
         max_failures=job.max_failures,
         context=RunContext(trial_id=trial_id, trial_started=time.time()),
     )
@@ -152,16 +146,16 @@ def build_tuner(job: SearchJob, resources: dict[str, float]):
         mode=MODE,
         sampler=build_sampler(job),
         study_name=job.name,
-        storage=_optuna_storage(job.optuna_storage),
+        storage=_optuna_storage(job.request.optuna_storage),
     )
     scheduler = (
         ASHAScheduler(
             time_attr="epoch",
-            max_t=job.max_epochs,
-            grace_period=job.grace_period,
-            reduction_factor=job.reduction_factor,
+            max_t=job.request.max_epochs,
+            grace_period=job.request.grace_period,
+            reduction_factor=job.request.reduction_factor,
         )
-        if job.scheduler == "asha"
+        if job.request.scheduler == "asha"
         else FIFOScheduler()
     )
     return ray.tune.Tuner(
@@ -171,13 +165,13 @@ def build_tuner(job: SearchJob, resources: dict[str, float]):
             mode=MODE,
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=job.num_samples,
+            num_samples=job.request.num_samples,
             max_concurrent_trials=concurrency_limit(job, resources),
         ),
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR,
             storage_path=job.experiment_dir,
-            stop=GanHealthStopper(job.gan_patience) if job.gan_patience else None,
+            stop=GanHealthStopper(job.request.gan_patience) if job.request.gan_patience else None,
             failure_config=ray.tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
@@ -198,13 +192,13 @@ def build_sampler(job: SearchJob):
 
     import optuna
 
-    if job.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=job.seed)
+    if job.request.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=job.request.seed)
     with warnings.catch_warnings():  # multivariate, group and constant_liar are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=job.seed,
-            n_startup_trials=startup_trials(job.num_samples),
+            seed=job.request.seed,
+            n_startup_trials=startup_trials(job.request.num_samples),
             multivariate=True,
             group=True,
             constant_liar=True,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gankd_ray.data.records import Rejections, SourceData
+from gankd_ray.utils import Registry
 
 
 @dataclass(frozen=True)
@@ -31,25 +32,22 @@ class DatasetSource:
     load: Callable[[argparse.Namespace, Rejections], SourceData]
 
 
-_SOURCES: dict[str, DatasetSource] = {}
+_SOURCES: Registry[DatasetSource] = Registry("dataset source")
 
 
 def register_source(source: DatasetSource) -> DatasetSource:
-    if source.name in _SOURCES:
-        raise ValueError(f"dataset source {source.name!r} is already registered")
-    _SOURCES[source.name] = source
-    return source
+    return _SOURCES.add(source.name, source)
 
 
 def available_sources() -> list[str]:
-    return list(_SOURCES)
+    return _SOURCES.names()
 
 
 def get_source(name: str) -> DatasetSource:
     try:
-        return _SOURCES[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset source {name!r}; choose one of {', '.join(_SOURCES)}") from None
+        return _SOURCES.get(name)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
 
 
 # Registration order is the order of the CLI's subcommands.
