@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test smoke bench clean
+.PHONY: install demo lint test smoke bench clean
 
 # Re-install only when the project metadata changed; pip takes torch/torchvision from local disk.
 # The export extra (onnx, onnxscript, onnxruntime): the ONNX tests of tests/test_export_cli.py need it.
@@ -26,7 +26,12 @@ $(CHROMIUM):
 	$$SUDO apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-test: install $(CHROMIUM)
+# Lint and format check first: seconds, before a half-hour suite.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
