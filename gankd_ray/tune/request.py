@@ -153,8 +153,9 @@ def load_request(storage_uri: str, name: str) -> SearchRequest:
         )
     check_trusted_experiment(experiment_dir)
     request = SearchRequest.from_yaml(storage.read_text(path), where=path)
-    # the folder the user names now is the experiment, wherever it was when the search started
-    return dataclasses.replace(request, storage=storage.normalize_uri(storage_uri), name=name)
+    # The folder the user names now is the experiment, wherever it was when the search started; resolving is
+    # idempotent for what a search saved, and fills the defaults of a request written by hand.
+    return dataclasses.replace(request, storage=storage.normalize_uri(storage_uri), name=name).resolved()
 
 
 def check_trusted_experiment(experiment_dir: str) -> None:
