@@ -44,13 +44,13 @@ import torch
 from gankd_ray.cli import run
 from gankd_ray.config import ConfigError, RunConfig, parse_overrides
 from gankd_ray.data.loader import DetectionBatchLoader
-from gankd_ray.data.reader import read_dataset_info, read_split
+from gankd_ray.data.reader import read_split
 from gankd_ray.data.sources.synthetic import SyntheticSpec
 from gankd_ray.errors import EXIT_OK, InputError, UserError
 from gankd_ray.records import EpochRecord, Status
-from gankd_ray.train.checkpoint import MODEL_FILE, load_detector
+from gankd_ray.train.checkpoint import MODEL_FILE
 from gankd_ray.train.engine import EpochData, LocalRuntime, fit
-from gankd_ray.train.spec import Resources, TrainJob
+from gankd_ray.train.spec import Resources, TrainJob, resolve_job
 from gankd_ray.utils import first_line, machine_description, write_benchmark_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrate.json"
@@ -105,15 +105,19 @@ def synthetic_dataset(spec: SyntheticSpec, cache: Path) -> str:
     return str(out)
 
 
-def resolve_config(data: str, overrides: list[str], teacher: str | None = None) -> RunConfig:
-    cfg = RunConfig().with_overrides(["role=teacher", *overrides])
+def resolve(args: argparse.Namespace, data: str) -> TrainJob:
+    """The run as the product checks it (``resolve_job``: data, teacher, config, levels); role teacher unless
+    ``--set role=...`` says otherwise."""
+    cfg = RunConfig().with_overrides(["role=teacher", *args.set])
     cfg.data.path = data
-    if (cfg.role == "gankd") != bool(teacher):
-        raise ConfigError("role=gankd needs --teacher FILE, and --teacher needs role=gankd")
-    if cfg.detector.num_classes == 0:
-        cfg.detector.num_classes = len(read_dataset_info(data)["classes"])
-    cfg.validate()
-    return cfg
+    job = TrainJob(
+        config=cfg,
+        storage=str(args.cache),
+        name=args.label,
+        teacher=args.teacher,
+        resources=Resources(cpus_per_worker=args.threads),
+    )
+    return resolve_job(job)
 
 
 def build_data(cfg: RunConfig, args: argparse.Namespace) -> EpochData:
@@ -190,19 +194,12 @@ class EpochRows:
         print(_epoch_line(row), flush=True)
 
 
-def train(cfg: RunConfig, args: argparse.Namespace, teacher_file: str | None) -> dict[str, Any]:
+def train(job: TrainJob, args: argparse.Namespace) -> dict[str, Any]:
     """The engine (``gankd_ray.train.engine.fit``) in this process, scoring every ``--eval-every`` epoch."""
     rows = EpochRows()
-    job = TrainJob(
-        config=cfg,
-        storage=str(args.cache),
-        name=args.label,
-        teacher=teacher_file,
-        resources=Resources(cpus_per_worker=args.threads),
-    )
     with tempfile.TemporaryDirectory() as checkpoint_dir:
         runtime = LocalRuntime(checkpoint_dir if args.save else None, on_report=rows.add)
-        records = fit(job, runtime, data=build_data(cfg, args), eval_every=args.eval_every)
+        records = fit(job, runtime, data=build_data(job.config, args), eval_every=args.eval_every)
         if args.save:
             args.save.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(checkpoint_dir, MODEL_FILE), args.save)
@@ -245,15 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = None if args.data else synthetic_spec(args.synthetic)
         data = args.data if args.data else synthetic_dataset(spec, args.cache)
-        cfg = resolve_config(data, args.set, args.teacher)
-        if args.teacher:
-            load_detector(args.teacher, torch.device("cpu"))  # a bad file is refused before anything trains
+        job = resolve(args, data)
     except UserError:
         raise
     except (TypeError, ValueError) as err:  # a --synthetic field of the wrong type
         raise InputError(first_line(err), flag="--synthetic") from None
     print(f"[calibrate] {args.label}: {' '.join(args.set)} on {data}", flush=True)
-    result = train(cfg, args, args.teacher)
+    result = train(job, args)
     entry = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "data": data,
@@ -264,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "train_limit": args.train_limit,
         "eval_on": args.eval_on,
-        "config": cfg.to_dict(),
+        "config": job.config.to_dict(),
         **result,
     }
     save_result(args.out, args.label, entry)

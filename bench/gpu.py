@@ -49,7 +49,7 @@ from gankd_ray.errors import InputError
 from gankd_ray.models import build_detector
 from gankd_ray.train.spec import Resources
 from gankd_ray.tune.pipeline import TEACHER_BACKBONE
-from gankd_ray.utils import atomic_write_json, first_line, machine_description
+from gankd_ray.utils import first_line, machine_description, write_benchmark_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": search,
         "wall_s": time.perf_counter() - started,
     }
-    atomic_write_json(args.out, result)
+    write_benchmark_json(args.out, result)
     print_report(result)
     print(f"[bench] wrote {os.path.relpath(args.out, ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
     return 0
