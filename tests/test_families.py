@@ -204,6 +204,7 @@ def test_one_gankd_step_across_families(teacher_arch, student_cfg):
 
 @pytest.mark.parametrize("arch", STUDENT_ARCHS)
 def test_export_and_torchscript_reload_in_a_fresh_process(arch, tmp_path, synthetic_data):
+    from gankd_ray.export.evaluate import evaluate_export
     from gankd_ray.export.model import export_model, load_export
     from gankd_ray.train.checkpoint import model_payload, save_torch
 
@@ -237,3 +238,7 @@ def test_export_and_torchscript_reload_in_a_fresh_process(arch, tmp_path, synthe
     scripted = torch.load(tmp_path / "scripted.pt", weights_only=True)
     assert torch.allclose(scripted["boxes"], eager["boxes"], atol=1e-3)
     assert torch.equal(scripted["labels"], eager["labels"])
+    # evaluate.py's two paths on the export: student.pt (predict_resized) and student.ts (forward).
+    for torchscript in (False, True):
+        metrics = evaluate_export(out, synthetic_data, "val", torchscript=torchscript)
+        assert metrics["num_images"] == 16 and metrics["file"] == ("student.ts" if torchscript else "student.pt")
