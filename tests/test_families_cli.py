@@ -136,4 +136,4 @@ def test_one_ray_train_epoch_across_families(teacher_arch, teacher_size, student
     summary = run_training(job)
     assert summary.status == "completed", summary
     records = read_metrics(job.run_dir)
-    assert len(records) == 1 and any(key.startswith("kd/adv/") for key in records[-1]), sorted(records[-1])
+    assert len(records) == 1 and any(key.startswith("disc/") for key in records[-1]), sorted(records[-1])
