@@ -77,18 +77,27 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int])
     return total
 
 
+SSD_ARCH = "ssd"  # the default family: our SSD over a registered backbone
+
+
 @dataclass
 class DetectorConfig:
-    """An SSD-family detector.
+    """A one-stage detector: the SSD family over a registered backbone (``arch=ssd``) or a torchvision builder.
 
     Attributes:
-        backbone: registry name, see ``gankd_ray.models.available_backbones()``.
+        arch: detector family, see ``gankd_ray.models.available_archs()``: ``ssd`` (the default, over
+            ``backbone``) or a torchvision one-stage builder such as ``retinanet_resnet50_fpn``.
+        backbone: registry name, see ``gankd_ray.models.available_backbones()`` (``arch=ssd`` only).
         num_classes: foreground classes (background is added internally); 0 = take from the dataset.
-        image_size: square model input in pixels (160..512).
-        weights: optional local torchvision-layout backbone state dict (ImageNet weights).
+        image_size: square model input in pixels (``arch=ssd``: 160..512; other families 64..1024 and
+            their own minimum, see ``gankd_ray.models.families``).
+        weights: ``arch=ssd``: optional local torchvision-layout backbone state dict (ImageNet weights).
+            Other families: a torchvision-layout state dict of the whole detector, or ``COCO_V1`` /
+            ``DEFAULT`` for torchvision's weights of that builder (through torch's hub cache).
         score_thresh / nms_thresh / detections_per_img: post-processing.
     """
 
+    arch: str = "ssd"
     backbone: str = "mobilenet_v3_small"
     num_classes: int = 0
     image_size: int = 160
@@ -98,8 +107,12 @@ class DetectorConfig:
     detections_per_img: int = 100
 
     def validate(self, where: str = "detector") -> None:
-        if not 160 <= self.image_size <= 512:
-            raise ConfigError(f"{where}.image_size={self.image_size}: must be in 160..512")
+        # The SSD family's fixed anchor layout is tuned for 160..512 (see gankd_ray.models.detector);
+        # torchvision's families bring their own anchors and run from 64 px (ssd300_vgg16 needs more,
+        # checked with the family in gankd_ray.models.check_detector_config).
+        low, high = (160, 512) if self.arch == SSD_ARCH else (64, 1024)
+        if not low <= self.image_size <= high:
+            raise ConfigError(f"{where}.image_size={self.image_size}: must be in {low}..{high} for arch {self.arch}")
         if self.num_classes < 0:
             raise ConfigError(f"{where}.num_classes={self.num_classes}: must be >= 0")
         _check_unit_interval(f"{where}.score_thresh", self.score_thresh)

@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     parser.add_argument("--storage", default="runs", help="where runs live (folder or URI)")
     parser.add_argument("--name", required=True, help="run name; reusing it resumes the run")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the input, print the detectors and which levels are distilled, and exit before Ray starts",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. distill.adv_weight=0.1")
     return parser.parse_args(argv)
 
@@ -61,9 +66,32 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def dry_run_lines(job: TrainJob) -> list[str]:
+    """What the run would train: its detectors and, in GAN-KD, the distilled level pairs (by stride)."""
+    from gankd_ray.distill.pairs import describe_pairs
+    from gankd_ray.models import level_strides_for
+    from gankd_ray.train.spec import distilled_level_pairs
+
+    cfg = job.config
+    lines = [f"[gankd-ray] dry run {job.name}: role {cfg.role}, student {_describe(cfg.detector)}"]
+    if cfg.role == "gankd":
+        lines.append(f"[gankd-ray] teacher {_describe(cfg.teacher)}; distilled levels (student <- teacher):")
+        student, teacher = level_strides_for(cfg.detector), level_strides_for(cfg.teacher, "teacher")
+        lines += [f"  {line}" for line in describe_pairs(distilled_level_pairs(cfg), student, teacher)]
+    return lines
+
+
+def _describe(detector) -> str:
+    backbone = f" ({detector.backbone})" if detector.arch == "ssd" else ""
+    return f"arch {detector.arch}{backbone} at {detector.image_size} px, {detector.num_classes} classes"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     job = build_job(args)
+    if args.dry_run:
+        print("\n".join(dry_run_lines(job)))
+        return EXIT_OK
 
     from gankd_ray.cluster import init_ray
     from gankd_ray.train.run import run_training

@@ -8,7 +8,7 @@ backward needs, which is what DDP's per-forward gradient hooks expect.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +32,8 @@ class FrozenTeacher(nn.Module):
 
     Args:
         detector: the trained teacher; its parameters are frozen in place.
-        levels: the teacher levels to return.
+        levels: the teacher levels to return, or ``{student level: teacher level}`` to return each
+            teacher map under the name of the student level it is distilled into (cross-family pairs).
         input_size: the teacher's own input size; batches of another size are resized to it
             (bilinear) so the teacher sees the resolution it was trained at. ``None`` = as given.
 
@@ -40,10 +41,13 @@ class FrozenTeacher(nn.Module):
         ``forward(images: Tensor[B, 3, S, S] in [0, 1]) -> {level: Tensor[B, C_l, H_l, W_l]}``.
     """
 
-    def __init__(self, detector: SSDDetector, levels: Sequence[str], input_size: int | None = None) -> None:
+    def __init__(
+        self, detector: SSDDetector, levels: Sequence[str] | Mapping[str, str], input_size: int | None = None
+    ) -> None:
         super().__init__()
         self.detector = detector.requires_grad_(False).eval()
-        self.levels = list(levels)
+        self.sources = dict(levels) if isinstance(levels, Mapping) else {level: level for level in levels}
+        self.levels = list(self.sources)
         self.input_size = input_size
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -55,7 +59,7 @@ class FrozenTeacher(nn.Module):
             size = (self.input_size, self.input_size)
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
         features = self.detector.extract(self.detector.normalize(images))
-        return {level: features[level] for level in self.levels}
+        return {level: features[source] for level, source in self.sources.items()}
 
 
 class StudentModule(nn.Module):

@@ -48,6 +48,7 @@ from gankd_ray.distill.adapters import build_adapters, tap_activations
 from gankd_ray.distill.discriminators import build_discriminators
 from gankd_ray.distill.modules import DiscriminatorModule, Features, FrozenTeacher, StudentModule, Targets
 from gankd_ray.distill.optim import WarmupCosine, build_disc_optimizer, build_student_optimizer, set_lr
+from gankd_ray.distill.pairs import level_pairs
 from gankd_ray.distill.teacher_head import student_with_teacher_head
 
 if TYPE_CHECKING:
@@ -423,17 +424,54 @@ def build_step(
     if teacher is None:
         raise ConfigError("role gankd needs a trained teacher detector")
     teacher = teacher.to(device)
-    levels = distilled_levels(cfg, student, teacher)
+    pairs = distilled_pairs(cfg, student, teacher)
+    levels = list(pairs)
     teacher_size = cfg.teacher.image_size if cfg.teacher is not None else teacher.image_size
-    module = _student_module(cfg, student, teacher, levels, teacher_size).to(device)
+    target = paired_teacher_levels(teacher, pairs, teacher_size)
+    module = _student_module(cfg, student, teacher, target, teacher_size).to(device)
     critics = DiscriminatorModule(
-        build_discriminators(levels, teacher.level_channels, cfg.discriminator, teacher.feature_shapes(teacher_size)),
+        build_discriminators(levels, target.channels, cfg.discriminator, target.shapes),
         cfg.distill.adv_loss,
         cfg.distill.gp_weight,
         cfg.distill.r1_weight,
     ).to(device)
-    frozen = FrozenTeacher(teacher, levels, input_size=teacher_size)
+    frozen = FrozenTeacher(teacher, pairs, input_size=teacher_size)
     return TrainStep(cfg, module, frozen, critics, wrap=wrap)
+
+
+@dataclass
+class PairedTeacherLevels:
+    """What each distilled student level is aligned to, keyed by the *student* level: its paired teacher
+    level's channels, map size at the teacher's input size and tap activation (absent = linear)."""
+
+    pairs: dict[str, str]
+    channels: dict[str, int]
+    shapes: dict[str, tuple[int, int]]
+    activations: dict[str, nn.Module]
+
+
+def paired_teacher_levels(teacher: SSDDetector, pairs: dict[str, str], teacher_size: int) -> PairedTeacherLevels:
+    """The teacher side of ``pairs`` (student level -> teacher level), re-keyed by student level."""
+    shapes = teacher.feature_shapes(teacher_size)
+    activations = teacher_tap_activations(teacher)
+    return PairedTeacherLevels(
+        pairs=dict(pairs),
+        channels={level: teacher.level_channels[source] for level, source in pairs.items()},
+        shapes={level: shapes[source] for level, source in pairs.items()},
+        activations={level: activations[source] for level, source in pairs.items() if source in activations},
+    )
+
+
+def teacher_tap_activations(teacher: SSDDetector) -> dict[str, nn.Module]:
+    """The activation each teacher level's map comes out of, read from the SSD family's extractor.
+
+    torchvision's families are left linear: their FPN maps are plain conv outputs, and the SSD
+    builders' taps are not read (an adapter without a final activation can still match them).
+    """
+    backbone = teacher.backbone
+    if hasattr(backbone, "blocks") or hasattr(backbone, "adapters"):
+        return tap_activations(backbone)
+    return {}
 
 
 def export_student(student: StudentModule) -> SSDDetector:
@@ -447,29 +485,28 @@ def export_student(student: StudentModule) -> SSDDetector:
 
 
 def distilled_levels(cfg: RunConfig, student: SSDDetector, teacher: SSDDetector) -> list[str]:
-    """``distill.levels`` (all of the student's if empty), checked against both detectors."""
-    levels = list(cfg.distill.levels) or list(student.level_names)
-    missing = [level for level in levels if level not in student.level_names or level not in teacher.level_names]
-    if missing:
-        raise ConfigError(
-            f"distill.levels: {', '.join(missing)} not in both detectors "
-            f"(student {student.level_names}, teacher {teacher.level_names})"
-        )
-    return levels
+    """The distilled student levels (see :func:`distilled_pairs`)."""
+    return list(distilled_pairs(cfg, student, teacher))
+
+
+def distilled_pairs(cfg: RunConfig, student: SSDDetector, teacher: SSDDetector) -> dict[str, str]:
+    """``{student level: teacher level}``: ``distill.levels`` (all of the student's if empty) matched by
+    stride (:func:`gankd_ray.distill.pairs.level_pairs`)."""
+    return level_pairs(student.level_strides, teacher.level_strides, cfg.distill.levels)
 
 
 def _student_module(
-    cfg: RunConfig, student: SSDDetector, teacher: SSDDetector, levels: list[str], teacher_size: int
+    cfg: RunConfig, student: SSDDetector, teacher: SSDDetector, target: PairedTeacherLevels, teacher_size: int
 ) -> StudentModule:
     match_activation = cfg.distill.match_activation
+    levels = list(target.pairs)
     if cfg.distill.head_mode == "teacher":
         detector = student_with_teacher_head(
             student, teacher, cfg.distill.finetune_teacher_head, teacher_size, match_activation
         )
         return StudentModule(detector, nn.ModuleDict(), levels)
-    sizes = teacher.feature_shapes(teacher_size)
-    activations = tap_activations(teacher.backbone) if match_activation else None
-    adapters = build_adapters(levels, student.level_channels, teacher.level_channels, sizes, activations)
+    activations = target.activations if match_activation else None
+    adapters = build_adapters(levels, student.level_channels, target.channels, target.shapes, activations)
     return StudentModule(student, adapters, levels)
 
 

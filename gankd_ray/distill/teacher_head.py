@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from gankd_ray.config import ConfigError, RunConfig
+from gankd_ray.config import SSD_ARCH, ConfigError, RunConfig
 from gankd_ray.distill.adapters import build_adapters, tap_activations
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ def build_student(cfg: RunConfig) -> SSDDetector:
         return student
     if cfg.teacher is None:
         raise ConfigError("distill.head_mode=teacher needs cfg.teacher to rebuild the student")
+    check_teacher_head_archs(cfg.detector.arch, cfg.teacher.arch)
     teacher_extractor, teacher_channels, teacher_strides = build_feature_extractor(cfg.teacher.backbone)
     if list(teacher_channels) != list(student.level_names):
         raise ConfigError(
@@ -122,6 +123,7 @@ def _adapted_detector(
 
 
 def _check_head_compatible(student: SSDDetector, teacher: SSDDetector) -> None:
+    check_teacher_head_archs(student.config.arch, teacher.config.arch)
     if list(student.level_names) != list(teacher.level_names):
         raise ConfigError(
             f"distill.head_mode=teacher needs the same levels on both sides "
@@ -131,4 +133,13 @@ def _check_head_compatible(student: SSDDetector, teacher: SSDDetector) -> None:
         raise ConfigError(
             f"distill.head_mode=teacher: student has {student.config.num_classes} classes, "
             f"teacher {teacher.config.num_classes}"
+        )
+
+
+def check_teacher_head_archs(student_arch: str, teacher_arch: str) -> None:
+    """The teacher head mode shares one anchor layout and level set: the SSD family on both sides only."""
+    if student_arch != SSD_ARCH or teacher_arch != SSD_ARCH:
+        raise ConfigError(
+            f"distill.head_mode=teacher needs detector.arch={SSD_ARCH} for teacher and student "
+            f"(student {student_arch}, teacher {teacher_arch}); use distill.head_mode=own across families"
         )

@@ -51,6 +51,7 @@ def model_card(detector, config, fields: Mapping[str, Any]) -> dict[str, Any]:
     """``fields`` (e.g. :func:`trial_card`'s) plus what the model file says about the model."""
     card = {
         **fields,
+        "arch": config.detector.arch,
         "backbone": config.detector.backbone,
         "image_size": config.detector.image_size,
         "num_classes": config.detector.num_classes,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from gankd_ray import storage
+from gankd_ray.config import SSD_ARCH
 from gankd_ray.errors import InputError, UserError
 from gankd_ray.export.card import model_card
 from gankd_ray.export.onnx_graph import ONNX_FILE, OnnxDetector, export_onnx, onnx_export_available
@@ -78,7 +79,10 @@ def export_model(model_file: str | Path, out_dir: str | Path, fields: dict[str, 
         folder = Path(staging)
         torch.save(ckpt.model_payload(detector, config), folder / "student.pt")
         torch.jit.save(torch.jit.script(detector.eval()), str(folder / "student.ts"))
-        if onnx_export_available():
+        if config.detector.arch != SSD_ARCH:
+            # The ONNX graph's outputs and decoding are the SSD family's (cls_logits, bbox_regression, anchors).
+            log.warning("no %s for arch %s: ONNX export covers the ssd family only", ONNX_FILE, config.detector.arch)
+        elif onnx_export_available():
             export_onnx(detector, folder / ONNX_FILE)
         else:
             log.warning(

@@ -1,6 +1,7 @@
-"""SSD-family detectors on torchvision's SSD machinery, with a small backbone registry.
+"""One-stage detectors: our SSD family over a backbone registry, and torchvision's SSD/RetinaNet/FCOS families.
 
 Public API (see DESIGN.md, "Detectors"): :func:`available_backbones`, :func:`build_detector`,
+:func:`available_archs`, :func:`level_strides_for`,
 :class:`SSDDetector`, :func:`level_names_for`, :func:`feature_shapes`, :func:`register`.
 """
 
@@ -18,11 +19,18 @@ from gankd_ray.models.detector import (
     ANCHOR_SCALES,
     LOSS_NAMES,
     SSDDetector,
+    default_anchor_generator,
+    new_head,
+)
+from gankd_ray.models.families import (
+    Family,
+    available_archs,
     build_detector,
     check_detector_config,
-    default_anchor_generator,
+    family_of,
     level_names_for,
-    new_head,
+    level_strides_for,
+    register_family,
 )
 
 __all__ = [
@@ -31,15 +39,20 @@ __all__ = [
     "LEVEL_NAMES",
     "LEVEL_STRIDES",
     "LOSS_NAMES",
+    "Family",
     "LevelFeatureExtractor",
     "SSDDetector",
+    "available_archs",
     "available_backbones",
     "build_detector",
     "build_feature_extractor",
     "check_detector_config",
     "default_anchor_generator",
+    "family_of",
     "feature_shapes",
     "level_names_for",
+    "level_strides_for",
     "new_head",
     "register",
+    "register_family",
 ]

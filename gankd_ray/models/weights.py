@@ -69,12 +69,12 @@ class PreparedWeights(NamedTuple):
 # loading
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """``torch.load(path, weights_only=True)`` as a flat ``{key: Tensor}``; ``ConfigError`` otherwise."""
+def read_state_dict(path: str | Path, what: str = "backbone weights file") -> dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)`` as a flat ``{key: Tensor}``; ``ConfigError`` naming ``what`` if not."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: backbone weights file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except Exception as err:  # unpickling errors have many types; all mean "not a plain state dict"
         raise ConfigError(f"{path}: not a weights-only torch state dict ({first_line(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

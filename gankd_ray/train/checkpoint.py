@@ -113,10 +113,16 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu"):
         detector.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(
-            f"{resolve_model_file(path)}: weights do not match backbone "
-            f"{config.detector.backbone!r} ({first_line(err)})"
+            f"{resolve_model_file(path)}: weights do not match {_architecture(config.detector)} ({first_line(err)})"
         ) from None
     return detector.to(device).eval(), config
+
+
+def _architecture(detector_cfg) -> str:
+    """``backbone 'NAME'`` for the SSD family (the message tests and users know), ``arch 'NAME'`` otherwise."""
+    if detector_cfg.arch == "ssd":
+        return f"backbone {detector_cfg.backbone!r}"
+    return f"arch {detector_cfg.arch!r}"
 
 
 def _without_weights(detector_cfg):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gankd_ray import storage
-from gankd_ray.config import RunConfig
+from gankd_ray.config import SSD_ARCH, RunConfig
 from gankd_ray.errors import InputError
 from gankd_ray.records import RunContext
 
@@ -102,7 +102,10 @@ def resolve_job(job: TrainJob) -> TrainJob:
     from gankd_ray.models import check_detector_config
 
     check_detector_config(cfg.detector, "detector")
+    _check_detector_weights(cfg)
     _check_levels(cfg)
+    if cfg.role == "gankd":
+        distilled_level_pairs(cfg)  # a pair with no common stride fails here, before Ray
     job.resources.validate()
     try:
         storage.check_writable(job.run_dir)
@@ -128,12 +131,40 @@ def _check_teacher(teacher: str | None, cfg: RunConfig, info: dict[str, Any]):
             f"--teacher {teacher}: teacher has {tdet.num_classes} classes, dataset {cfg.data.path} has "
             f"{len(info['classes'])}"
         )
-    if tdet.image_size != cfg.detector.image_size:
+    # The SSD family keeps one input size for both sides; across families the teacher sees its own input
+    # size (FrozenTeacher resizes the batch) and the adapters interpolate each level to the teacher's map.
+    same_family = tdet.arch == cfg.detector.arch == SSD_ARCH
+    if same_family and tdet.image_size != cfg.detector.image_size:
         raise InputError(
             f"--teacher {teacher}: teacher input size {tdet.image_size} != student input size "
             f"{cfg.detector.image_size} (set detector.image_size={tdet.image_size})"
         )
     return dataclasses.replace(tdet, weights=None)
+
+
+def _check_detector_weights(cfg: RunConfig) -> None:
+    """A whole-detector weights file (or named weight set) of a torchvision family must fit the arch: checked
+    on a meta-device model now, not in the workers (the SSD family's ImageNet file is read when built)."""
+    if cfg.detector.arch == SSD_ARCH or not cfg.detector.weights:
+        return
+    from gankd_ray.models import family_of
+    from gankd_ray.models.detection_weights import check_detection_weights
+
+    check_detection_weights(cfg.detector, family_of(cfg.detector.arch))
+
+
+def distilled_level_pairs(cfg: RunConfig) -> dict[str, str]:
+    """``{student level: teacher level}`` a GAN-KD run of ``cfg`` distils (``cfg.teacher`` resolved), from the
+    configs alone; ``InputError`` when the pair has no common stride or the teacher head mode spans families."""
+    from gankd_ray.distill.pairs import level_pairs
+    from gankd_ray.distill.teacher_head import check_teacher_head_archs
+    from gankd_ray.models import level_strides_for
+
+    if cfg.distill.head_mode == "teacher":
+        check_teacher_head_archs(cfg.detector.arch, cfg.teacher.arch)
+    student = level_strides_for(cfg.detector, "detector")
+    teacher = level_strides_for(cfg.teacher, "teacher")
+    return level_pairs(student, teacher, cfg.distill.levels)
 
 
 def _check_levels(cfg: RunConfig) -> None:
@@ -145,6 +176,9 @@ def _check_levels(cfg: RunConfig) -> None:
     known = level_names_for(cfg.detector)
     unknown = [lvl for lvl in cfg.distill.levels if lvl not in known]
     if unknown:
-        raise InputError(
-            f"distill.levels: {unknown[0]!r} is not a level of {cfg.detector.backbone} ({', '.join(known)})"
-        )
+        raise InputError(f"distill.levels: {unknown[0]!r} is not a level of {_detector_name(cfg)} ({', '.join(known)})")
+
+
+def _detector_name(cfg: RunConfig) -> str:
+    """The SSD family is known by its backbone, the others by their arch."""
+    return cfg.detector.backbone if cfg.detector.arch == SSD_ARCH else cfg.detector.arch
