@@ -71,6 +71,55 @@ class LevelDetector:
         """
         return feature_shapes(self.image_size if image_size is None else image_size, self.level_strides)
 
+    def head_losses(
+        self,
+        features: Mapping[str, Tensor],
+        targets: Sequence[Mapping[str, Tensor]],
+        image_size: int | tuple[int, int],
+        head: nn.Module | None = None,
+    ) -> dict[str, Tensor]:
+        """The detection losses of ``head`` (default: this detector's) on ``features``.
+
+        Args:
+            features: ``{level: Tensor[B, C, h, w]}`` in level order (from :meth:`extract`, or adapted
+                student features matching ``head``'s channels).
+            targets: per image ``{"boxes": FloatTensor[N, 4] xyxy in S-space, "labels": Int64Tensor[N]}``
+                with labels in ``1..num_classes``; ``N`` may be 0.
+            image_size: ``S`` (or ``(h, w)``) of the network input the boxes refer to.
+            head: a head with this detector's anchor layout (e.g. the teacher's).
+
+        Returns:
+            ``{"det/<name>": Tensor[]}``: the family's torchvision losses (``_head_loss_terms``), e.g.
+            ``det/classification`` and ``det/bbox_regression`` (plus ``det/bbox_ctrness`` for FCOS).
+        """
+        levels = list(features.values())
+        head_outputs = self._run_head(levels, head)
+        anchors = self.anchors(levels, image_size)
+        return self._head_loss_terms(list(targets), head_outputs, anchors, levels)
+
+    def _head_loss_terms(
+        self,
+        targets: list[Mapping[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: Tensor,
+        levels: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """The family's losses: ``targets`` per image, the head's outputs, the anchors ``[A, 4]`` (one set, every
+        image the same size) and the levels' maps."""
+        raise NotImplementedError
+
+    def decode(
+        self,
+        head_outputs: Mapping[str, Tensor],
+        anchors: Tensor,
+        image_size: int | tuple[int, int],
+        orig_sizes: Sequence[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """The family's post-processing: raw head outputs (``_run_head``), the anchors ``[A, 4]`` of an
+        ``image_size`` input, and each image's original ``(h, w)`` -> per image ``{"boxes" xyxy in original
+        pixels, "scores", "labels"}``."""
+        raise NotImplementedError
+
     def anchors(self, levels: Sequence[Tensor], image_size: int | tuple[int, int]) -> Tensor:
         """The anchors ``FloatTensor[A, 4]`` xyxy in S-space, cached per (size, device, level shapes).
 

@@ -11,7 +11,7 @@ and the training path see the same geometry.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOS
@@ -29,28 +29,12 @@ class DenseDetector(LevelDetector):
     ``det/bbox_regression``, plus ``det/bbox_ctrness`` for FCOS.
     """
 
-    def head_losses(
-        self,
-        features: Mapping[str, Tensor],
-        targets: Sequence[Mapping[str, Tensor]],
-        image_size: int | tuple[int, int],
-        head: nn.Module | None = None,
-    ) -> dict[str, Tensor]:
-        """torchvision's losses of ``head`` (default: this detector's) on ``features`` (S-space targets)."""
-        levels = list(features.values())
-        outputs = self._run_head(levels, head)
-        anchors = self.anchors(levels, image_size)
+    def _head_loss_terms(self, targets, head_outputs, anchors, levels) -> dict[str, Tensor]:
         cells = [level.shape[-2] * level.shape[-1] for level in levels]
-        losses = self._torchvision_losses(list(targets), outputs, [anchors] * levels[0].shape[0], cells)
+        losses = self._torchvision_losses(targets, head_outputs, [anchors] * levels[0].shape[0], cells)
         return {f"det/{name}": value for name, value in losses.items()}
 
-    def decode(
-        self,
-        head_outputs: Mapping[str, Tensor],
-        anchors: Tensor,
-        image_size: int | tuple[int, int],
-        orig_sizes: Sequence[tuple[int, int]],
-    ) -> list[dict[str, Tensor]]:
+    def decode(self, head_outputs, anchors, image_size, orig_sizes) -> list[dict[str, Tensor]]:
         """Flat head outputs -> detections in original coordinates (torchvision's ``postprocess_detections``).
 
         The outputs and anchors are split per level as torchvision's ``forward`` does, from the level

@@ -137,43 +137,15 @@ class SSDDetector(LevelDetector, SSD):
     # the training / distillation path (Python only; normalize, extract, anchors, predict_resized,
     # feature_shapes come from LevelDetector)
 
-    def head_losses(
-        self,
-        features: Mapping[str, Tensor],
-        targets: Sequence[Mapping[str, Tensor]],
-        image_size: int | tuple[int, int],
-        head: nn.Module | None = None,
-    ) -> dict[str, Tensor]:
-        """SSD losses of ``head`` (default: this detector's) on ``features``.
-
-        Args:
-            features: ``{level: Tensor[B, C, h, w]}`` in level order (from :meth:`extract`, or adapted
-                student features matching ``head``'s channels).
-            targets: per image ``{"boxes": FloatTensor[N, 4] xyxy in S-space, "labels": Int64Tensor[N]}``
-                with labels in ``1..num_classes``; ``N`` may be 0.
-            image_size: ``S`` (or ``(h, w)``) of the network input the boxes refer to.
-            head: a head with this detector's anchor layout (e.g. the teacher's).
-
-        Returns:
-            ``{"det/classification": Tensor[], "det/bbox_regression": Tensor[]}``: torchvision's SSD
-            losses (hard-negative mining 3:1, smooth-L1 on encoded boxes), each divided by the number
-            of matched anchors.
-        """
-        levels = list(features.values())
-        head_outputs = self._run_head(levels, head)
-        anchors = self.anchors(levels, image_size)
+    def _head_loss_terms(self, targets, head_outputs, anchors, levels) -> dict[str, Tensor]:
+        """torchvision's SSD losses (hard-negative mining 3:1, smooth-L1 on encoded boxes), each divided by the
+        number of matched anchors: ``det/classification``, ``det/bbox_regression``."""
         matched = [self._match(target["boxes"], anchors) for target in targets]
         batch = levels[0].shape[0]
-        losses = self.compute_loss(list(targets), head_outputs, [anchors] * batch, matched)
+        losses = self.compute_loss(targets, head_outputs, [anchors] * batch, matched)
         return dict(zip(LOSS_NAMES, (losses["classification"], losses["bbox_regression"])))
 
-    def decode(
-        self,
-        head_outputs: Mapping[str, Tensor],
-        anchors: Tensor,
-        image_size: int | tuple[int, int],
-        orig_sizes: Sequence[tuple[int, int]],
-    ) -> list[dict[str, Tensor]]:
+    def decode(self, head_outputs, anchors, image_size, orig_sizes) -> list[dict[str, Tensor]]:
         """Raw head outputs -> detections in original coordinates: the post-processing of :meth:`detect`.
 
         torchvision's ``postprocess_detections`` (softmax, box decoding against ``anchors``, clip to the
