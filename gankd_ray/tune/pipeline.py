@@ -7,6 +7,7 @@ checks, no Ray) and the steps after it.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,9 +277,15 @@ def summary_table(best, keys: list[str], teacher: RunSummary | None, baseline: R
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|---|---|---|")
     if best is not None:
-        params = ", ".join(f"{k}={plain_value(best.get(k))}" for k in keys if plain_value(best.get(k)) is not None)
-        lines.append(f"\nBest hyperparameters: {params}")
+        values = {key: plain_value(best.get(key)) for key in keys}
+        params = ", ".join(f"{key}={_param_text(value)}" for key, value in values.items() if value is not None)
+        # wrapped: a console line a terminal shows whole (the report's markdown joins the lines again)
+        lines.append("\n" + textwrap.fill(f"Best hyperparameters: {params}", width=110, break_long_words=False))
     return "\n".join(lines)
+
+
+def _param_text(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _num(value: Any) -> str:
