@@ -38,6 +38,7 @@ def init_ray(
     dashboard: bool = True,
     dashboard_host: str = LOCAL_HOST,
     dashboard_port: int | None = None,
+    log_to_driver: bool = True,
 ) -> str | None:
     """Start or join Ray; returns the dashboard URL (``http://host:port``) when there is one.
 
@@ -48,13 +49,15 @@ def init_ray(
             CPUs of a run whose controller died are freed by PlacementGroupReaper below, not by Ray Train's
             State API cleaner); it serves the dashboard views and the State API tools.
         dashboard_host: bind address of a local dashboard.
+        log_to_driver: forward every worker's and actor's output to this process's console (Ray's default);
+            a search turns it off unless ``--verbose`` and prints its own lines (``gankd_ray.tune.console``).
     """
     import ray
 
     apply_train_env_defaults()
     if ray.is_initialized():
         return _dashboard_url(ray.get_runtime_context())
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address:
         context = ray.init(address=address, **kwargs)
     else:

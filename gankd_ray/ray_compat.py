@@ -15,8 +15,8 @@ Gated (off on an unknown Ray):
 - ``head_node_share``: the head node's internal resource, which pins trial drivers and reapers to the head.
 - ``trial_id_from_dir``: the trial id read from the name of Tune's trial directory.
 
-Not gated: ``TRAIN_ENV_DEFAULTS``, ``AUTH_NOTICE_LOGGER``, ``train_failure_causes``, ``actor_ready`` (used
-only by the reaper, which only runs when the hooks are active).
+Not gated: ``TRAIN_ENV_DEFAULTS``, ``AUTH_NOTICE_LOGGER``, ``train_failure_causes``, ``session_logs_dir``,
+``actor_ready`` (used only by the reaper, which only runs when the hooks are active).
 
 This module imports nothing heavy at import time (no torch, no ray): ``gankd_ray.cluster`` and its reaper
 process use it. The hook classes, which subclass Ray Train internals and ``TorchTrainer`` (hence torch and
@@ -149,6 +149,17 @@ def train_failure_causes(err: BaseException) -> list[BaseException]:
     without them, the failure's own chain is all that is searched (a full disk is then reported as Ray's error)."""
     nested = [getattr(err, "controller_failure", None), *(getattr(err, "worker_failures", None) or {}).values()]
     return [cause for cause in nested if isinstance(cause, BaseException)]
+
+
+def session_logs_dir() -> str | None:
+    """This machine's log folder of the connected Ray session (``<session>/logs``, Ray's node object), or None.
+    Not gated: on a Ray without it the search just keeps no copy of Ray's logs."""
+    try:
+        from ray._private import worker
+
+        return worker._global_node.get_logs_dir_path()  # _global_node is None before ray.init
+    except (ImportError, AttributeError):
+        return None
 
 
 def actor_ready(actor) -> Any:

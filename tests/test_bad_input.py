@@ -307,6 +307,9 @@ CASES: dict[str, Case] = {
     "grace period beyond the budget": Case(
         "search", search("--max-epochs", "2", "--grace-period", "3"), ("--grace-period 3", "--max-epochs (2)")
     ),
+    "one confirmation seed (no spread to judge by)": Case(
+        "search", search("--confirm-seeds", "1"), ("--confirm-seeds 1", "at least 2")
+    ),
     "negative learning rate (config file)": Case(
         "search",
         search("--config", "{work}/run.yaml"),

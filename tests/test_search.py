@@ -3,7 +3,9 @@ and the bad-input checks that must fail before Ray starts."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +91,20 @@ def test_teacher_and_baseline_train_at_once(smoke_search):
     assert "smoke-teacher: epoch 1/1" in log and "baseline: epoch 3/3" in log
 
 
+def test_smoke_search_console_is_ours_and_ray_logs_are_kept(smoke_search):
+    """The console holds our lines (one per trial and epoch, a compact status table), not Ray's: its result
+    dicts and checkpoint notices are in the experiment's copy of Ray's logs."""
+    experiment, proc = smoke_search
+    longest = max(proc.stdout.splitlines(), key=len)
+    assert len(longest) <= 300, longest
+    assert "Reporting training result" not in proc.stdout and "Checkpoint successfully created" not in proc.stdout
+    epoch_line = r"\[gankd-ray\] trial \w+ epoch 1/3  val mAP \d\.\d{4}  AP50 \d\.\d{4}  critic acc \S+  status running"
+    assert re.search(epoch_line, proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"^trial +status +epoch +val mAP +best$", proc.stdout, re.MULTILINE), proc.stdout[-3000:]
+    ray_logs = "".join(p.read_text(errors="replace") for p in (experiment / "logs" / "ray").rglob("*") if p.is_file())
+    assert "Reporting training result" in ray_logs
+
+
 def test_smoke_search_report_and_export(smoke_search):
     experiment, _ = smoke_search
     report = experiment / "report"
@@ -133,6 +149,37 @@ def test_shipped_spaces_are_valid():
     for name in ("default", "paper", "wide"):
         space = load_space(ROOT / "search_spaces" / f"{name}.yaml", level_names=LEVELS)
         assert space.keys
+
+
+# A KD configuration that cannot help: one fixed trial whose adversarial term is negligible and that has no
+# imitation term, over one epoch.
+USELESS_KD_SPACE = """
+params:
+  adv_weight: 1.0e-6
+  adv_loss: lsgan
+  feat_weight: 0.0
+  levels: [level1]
+"""
+
+
+def test_confirm_seeds_finds_no_gain_from_useless_kd(synthetic_data, untrained_teacher, tmp_path):
+    space = tmp_path / "useless.yaml"
+    space.write_text(USELESS_KD_SPACE)
+    proc = run_search(
+        "--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "useless",
+        "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "1", "--max-epochs", "1",
+        "--grace-period", "1", "--confirm-seeds", "2", *FAST,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"GAN-KD(: no measurable effect| hurts)", proc.stdout), proc.stdout[-3000:]
+    experiment = tmp_path / "runs" / "useless"
+    confirm = pd.read_parquet(experiment / "confirm.parquet")
+    runs = sorted(zip(confirm["arm"], confirm["seed"]))
+    assert runs == [("baseline", 1), ("baseline", 2), ("gankd", 1), ("gankd", 2)], confirm
+    assert (confirm["status"] == "completed").all(), confirm
+    card = json.loads((experiment / "best" / "card.json").read_text())
+    assert card["kd_verdict"]["verdict"] in ("no_effect", "hurts") and card["kd_verdict"]["seeds"] == 2
+    assert "## Is the KD gain real?" in (experiment / "report" / "report.md").read_text()
 
 
 # CLI-level refusals (bad space, --resume of an unknown name, ...) live in tests/test_bad_input.py.

@@ -90,11 +90,24 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--confirm-seeds",
+        type=int,
+        metavar="N",
+        help="after the search, retrain the best configuration and the no-KD baseline with N fresh seeds each "
+        "and print the KD verdict (mean +- std, helps / no measurable effect / hurts); 0: off (default)",
+    )
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
-    """Where and how to connect: never saved, a resume takes them from its own command line."""
+    """Where and how to connect, and what to print: never saved, a resume takes them from its own command line."""
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's output: every worker's and Train controller's log lines and Tune's status tables "
+        "(otherwise kept in <experiment>/logs/ray/)",
+    )
     p.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument(
         "--dashboard-host",
@@ -177,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     request = request_of(args)
     ensure_default_data(request)
     plan = pipeline.plan_search(request, resume=args.resume)
+    plan.verbose = args.verbose
     warn_visible_password(request.optuna_storage)
 
     from gankd_ray.cluster import cluster_resources, init_ray
     from gankd_ray.train.run import storage_full_error
+    from gankd_ray.tune.console import keep_ray_logs
     from gankd_ray.tune.search import concurrency_limit
 
-    url = init_ray(args.address, dashboard=True, dashboard_host=args.dashboard_host)
+    url = init_ray(args.address, dashboard=True, dashboard_host=args.dashboard_host, log_to_driver=args.verbose)
     print(f"[gankd-ray] Ray dashboard: {url or 'none on this cluster (the search does not need one)'}", flush=True)
     try:
         concurrency_limit(plan.job, cluster_resources())
@@ -200,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         if full is None:
             raise
         raise full from None
+    finally:
+        logs = keep_ray_logs(plan.job.experiment_dir)
     print("\n" + outcome["table"])
     print(f"\n[gankd-ray] results in {plan.job.experiment_dir} (trials.parquet, epochs.parquet, report/, best/)")
+    if logs:
+        print(f"[gankd-ray] Ray's worker and Train logs: {logs}")
     return EXIT_OK
 
 

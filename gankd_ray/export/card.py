@@ -20,7 +20,7 @@ from typing import Any
 from gankd_ray.utils import plain_value
 
 # The search-level figures a trial's card repeats, so an export can be judged on its own.
-REFERENCE_KEYS = ("teacher", "baseline_val_map", "teacher_val_map")
+REFERENCE_KEYS = ("teacher", "baseline_val_map", "teacher_val_map", "kd_verdict")
 
 
 def trial_card(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +16,7 @@ from ray.train import UserCallback
 
 from gankd_ray import ray_compat, storage
 from gankd_ray.errors import InputError, StorageFailure
-from gankd_ray.records import EpochRecord, RecordLog, RunSummary, summarize
+from gankd_ray.records import EpochRecord, RecordLog, RunSummary, read_records, summarize
 from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, Resources, TrainJob, resolve_job
 
 __all__ = ["InputError", "Resources", "StorageFullError", "TrainJob", "build_trainer", "resolve_job", "run_training"]
@@ -61,9 +63,11 @@ def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
 
 
 class MetricsLog(UserCallback):
-    """Runs in the Train controller: the run's ``metrics.jsonl`` (``RecordLog``), plus a progress line.
+    """Runs in the Train controller: the run's ``metrics.jsonl`` (``RecordLog``).
 
     Checkpoints are recorded as full locations (``s3://bucket/...`` on object storage), readable from any node.
+    It prints nothing: the controller's output reaches the console only through Ray's log forwarding, which a
+    search turns off; the driver prints the progress lines (``ProgressFollower``, or a search's Tune callback).
     """
 
     def __init__(self, run_dir: str):
@@ -75,12 +79,12 @@ class MetricsLog(UserCallback):
         if checkpoint is not None:
             record.checkpoint = storage.uri_of(checkpoint.filesystem, checkpoint.path)
         self.log.add(record)
-        print(format_progress(record, os.path.basename(self.run_dir.rstrip("/"))), flush=True)
 
 
 def format_progress(record: EpochRecord, run_name: str) -> str:
-    """One line per epoch, named after the run: a search's teacher, baseline and trials train at once."""
-    parts = [f"{run_name}: epoch {record.epoch}/{record.epochs}"]
+    """One line per epoch, named after the run (a search's teacher and baseline train at once):
+    ``[gankd-ray] run teacher: epoch 2/4  map ...`` (``run``: told apart from the CLI's summary line)."""
+    parts = [f"run {run_name}: epoch {record.epoch}/{record.epochs}"]
     figures = {
         "map": record.map,
         "ap50": record.ap50,
@@ -92,11 +96,63 @@ def format_progress(record: EpochRecord, run_name: str) -> str:
     return "[gankd-ray] " + "  ".join(parts)
 
 
+class ProgressFollower(threading.Thread):
+    """Prints a run's progress from the driver: its new ``metrics.jsonl`` records (``format_progress``), and a
+    line every ``heartbeat_s`` while an epoch takes that long. Records already there when it starts (a resumed
+    run's earlier epochs) are not repeated. Use it as a context manager around ``fit()``."""
+
+    def __init__(self, run_dir: str, epochs: int, poll_s: float = 2.0, heartbeat_s: float = 60.0):
+        super().__init__(name=f"progress-{os.path.basename(run_dir.rstrip('/'))}", daemon=True)
+        self.run_dir, self.epochs, self.poll_s, self.heartbeat_s = run_dir, epochs, poll_s, heartbeat_s
+        self.run_name = os.path.basename(run_dir.rstrip("/"))
+        self.seen = len(self._records() or [])
+        self.stopped = threading.Event()
+
+    def __enter__(self) -> ProgressFollower:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        self.join()
+
+    def run(self) -> None:
+        started = last_news = time.monotonic()
+        while not self.stopped.wait(self.poll_s):
+            if self._print_new():
+                last_news = time.monotonic()
+            elif time.monotonic() - last_news >= self.heartbeat_s:
+                last_news = time.monotonic()
+                minutes, seconds = divmod(int(last_news - started), 60)
+                print(
+                    f"[gankd-ray] run {self.run_name}: epoch {self.seen + 1}/{self.epochs} running "
+                    f"({minutes}m{seconds:02d}s since start)",
+                    flush=True,
+                )
+        self._print_new()  # the epochs reported between the last poll and the end of fit()
+
+    def _print_new(self) -> bool:
+        records = self._records()
+        if not records or len(records) <= self.seen:
+            return False
+        for record in records[self.seen :]:
+            print(format_progress(record, self.run_name), flush=True)
+        self.seen = len(records)
+        return True
+
+    def _records(self) -> list[EpochRecord] | None:
+        try:
+            return read_records(self.run_dir)
+        except (OSError, ValueError):  # the log is being rewritten (RecordLog rewrites it whole): next poll
+            return None
+
+
 def run_training(job: TrainJob, callbacks: Sequence[Any] = ()) -> RunSummary:
-    """Fit ``job`` (Ray must be initialised) and summarise it from its metrics log."""
+    """Fit ``job`` (Ray must be initialised), printing its progress, and summarise it from its metrics log."""
     try:
         storage.write_text(storage.join(job.run_dir, RESOLVED_CONFIG_FILE), job.config.to_yaml())
-        build_trainer(job, callbacks).fit()
+        with ProgressFollower(job.run_dir, job.config.optim.epochs):
+            build_trainer(job, callbacks).fit()
     except Exception as err:
         full = storage_full_error(err, job.storage, job.run_dir)
         if full is None:

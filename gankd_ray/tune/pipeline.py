@@ -7,6 +7,7 @@ checks, no Ray) and the steps after it.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class SearchPlan:
     teacher_job: TrainJob | None  # None when --teacher was given
     baseline_job: TrainJob
     resume: bool
+    verbose: bool = False  # Tune's own console output too (gankd_ray.tune.console)
 
 
 def plan_search(request: SearchRequest, resume: bool = False) -> SearchPlan:
@@ -95,6 +97,10 @@ def _check_search_options(request: SearchRequest) -> None:
     for flag, (value, minimum) in minimums.items():
         if value < minimum:
             raise InputError(f"{flag} {value}: must be at least {minimum}")
+    if request.confirm_seeds == 1 or request.confirm_seeds < 0:
+        raise InputError(
+            f"--confirm-seeds {request.confirm_seeds}: must be 0 (off) or at least 2 (one seed has no spread)"
+        )
     if not 1 <= request.grace_period <= request.max_epochs:
         raise InputError(
             f"--grace-period {request.grace_period}: must be between 1 and --max-epochs ({request.max_epochs})"
@@ -213,12 +219,12 @@ def run_tuner(plan: SearchPlan):
         print(f"[gankd-ray] resuming the search in {plan.job.experiment_dir}", flush=True)
         tuner = restore_tuner(plan.job)
     else:
-        tuner = build_tuner(plan.job, cluster_resources())
+        tuner = build_tuner(plan.job, cluster_resources(), verbose=plan.verbose)
     return tuner.fit()
 
 
 def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: RunSummary) -> dict[str, Any]:
-    """Tables, export of the best trial, report and the final table."""
+    """Tables, the KD verdict (``--confirm-seeds``), export of the best trial, report and the final table."""
     from gankd_ray.export import export_search_trial
     from gankd_ray.tune.report import write_report
 
@@ -229,18 +235,36 @@ def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: 
     res.write_tables(job.experiment_dir, trials, epochs)
     best = res.best_trial(trials)
     best_id = None if best is None else str(best["trial_id"])
+    table = summary_table(best, job.space.keys, teacher, baseline)
+    verdict = confirm_best(plan, best)
+    if verdict is not None:
+        table += "\n\n## Is the KD gain real?\n\n" + verdict[0]
     if best is not None and best.get("best_checkpoint"):
         references = {
             "teacher": job.teacher,
             "baseline_val_map": baseline.best_map,
             "teacher_val_map": teacher.best_map if teacher else None,
+            "kd_verdict": verdict[1].to_dict() if verdict else None,
         }
         export_search_trial(
             best, job.space.keys, job.experiment_dir, storage.join(job.experiment_dir, "best"), references
         )
-    table = summary_table(best, job.space.keys, teacher, baseline)
     write_report(storage.join(job.experiment_dir, "report"), trials, epochs, job.space, table, best_id)
-    return {"trials": trials, "best": best, "table": table}
+    return {"trials": trials, "best": best, "table": table, "verdict": verdict[1] if verdict else None}
+
+
+def confirm_best(plan: SearchPlan, best) -> tuple[str, Any] | None:
+    """(markdown section, ``Verdict``) of ``--confirm-seeds``; None when off or no trial is healthy."""
+    count = plan.job.request.confirm_seeds
+    if not count:
+        return None
+    if best is None:
+        print("[gankd-ray] --confirm-seeds: no healthy trial to confirm", flush=True)
+        return None
+    from gankd_ray.tune.confirm import confirm, confirm_table
+
+    table, verdict = confirm(plan.job, plan.baseline_job.config, best, count)
+    return confirm_table(table, verdict), verdict
 
 
 def summary_table(best, keys: list[str], teacher: RunSummary | None, baseline: RunSummary) -> str:
@@ -253,9 +277,15 @@ def summary_table(best, keys: list[str], teacher: RunSummary | None, baseline: R
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|---|---|---|")
     if best is not None:
-        params = ", ".join(f"{k}={plain_value(best.get(k))}" for k in keys if plain_value(best.get(k)) is not None)
-        lines.append(f"\nBest hyperparameters: {params}")
+        values = {key: plain_value(best.get(key)) for key in keys}
+        params = ", ".join(f"{key}={_param_text(value)}" for key, value in values.items() if value is not None)
+        # wrapped: a console line a terminal shows whole (the report's markdown joins the lines again)
+        lines.append("\n" + textwrap.fill(f"Best hyperparameters: {params}", width=110, break_long_words=False))
     return "\n".join(lines)
+
+
+def _param_text(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _num(value: Any) -> str:

@@ -71,6 +71,9 @@ class SearchRequest:
     resources: Resources = field(default_factory=Resources)  # of each trial
     seed: int = 0
     optuna_storage: str | None = None
+    # after the search, retrain the best configuration and the no-KD baseline with this many fresh seeds each
+    # and judge the KD gain (gankd_ray.tune.confirm); 0: off
+    confirm_seeds: int = 0
     smoke: bool = False
 
     def resolved(self) -> SearchRequest:

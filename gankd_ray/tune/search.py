@@ -134,11 +134,14 @@ def finished_run(run_dir: str) -> EpochRecord | None:
     return None
 
 
-def build_tuner(job: SearchJob, resources: dict[str, float]):
-    """A fresh Tuner for ``job`` (use ``restore_tuner`` to continue an interrupted one)."""
+def build_tuner(job: SearchJob, resources: dict[str, float], verbose: bool = False):
+    """A fresh Tuner for ``job`` (use ``restore_tuner`` to continue an interrupted one). Its console is
+    ``TrialConsole``'s lines; ``verbose`` adds Tune's own output."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
+
+    from gankd_ray.tune.console import TrialConsole
 
     searcher = OptunaSearch(
         space=job.space.sample,
@@ -173,7 +176,8 @@ def build_tuner(job: SearchJob, resources: dict[str, float]):
             storage_path=job.experiment_dir,
             stop=GanHealthStopper(job.request.gan_patience) if job.request.gan_patience else None,
             failure_config=ray.tune.FailureConfig(max_failures=0),
-            verbose=1,
+            callbacks=[TrialConsole()],
+            verbose=1 if verbose else 0,
         ),
     )
 
