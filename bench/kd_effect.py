@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def train(cfg: RunConfig, storage: Path, name: str, teacher: str | None = None) 
     """One product training run; returns the best checkpoint's model.pt."""
     from gankd_ray.train.run import TrainJob, resolve_job, run_training
 
+    shutil.rmtree(storage / name, ignore_errors=True)  # a run stopped part-way before this resume
     job = resolve_job(TrainJob(config=cfg, storage=str(storage), name=name, teacher=teacher))
     summary = run_training(job)
     if not summary.checkpoint:
@@ -178,6 +180,7 @@ def search_student(arm: Arm, name: str, ctx: dict[str, Any], seed: int) -> tuple
         str(default_grace_period(args.student_epochs)),
         *ctx["overrides"],
     ]
+    shutil.rmtree(storage / name, ignore_errors=True)  # a search stopped part-way before this resume
     subprocess.run(command, check=True, cwd=ROOT)
     best = storage / name / "best"
     card = json.loads((best / "card.json").read_text())
@@ -242,7 +245,8 @@ def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[st
             "optim.epochs": args.teacher_epochs,
         }
     )
-    teacher = train(teacher_cfg, storage, "teacher")
+    progress = Progress(storage / "progress.json", progress_key(args, dataset))
+    teacher = progress.get("teacher") or progress.put("teacher", train(teacher_cfg, storage, "teacher"))
     overrides = [
         f"detector.backbone={args.student}",
         f"optim.batch_size={args.batch_size}",
@@ -261,7 +265,8 @@ def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[st
     result: dict[str, Any] = {"teacher": summarize_row([test_metrics(teacher, data)])}
     for seed in range(args.seeds):
         for arm_name in args.arms:
-            value = arm_student(arm_name, ctx, seed)
+            key = f"{arm_name}/seed{seed}"
+            value = progress.get(key) or progress.put(key, arm_student(arm_name, ctx, seed))
             result.setdefault(arm_name, []).append(value)
             print(f"[kd_effect] {dataset} {arm_name} seed {seed}: {value}", flush=True)
     result.update({arm: summarize_row(result[arm]) for arm in args.arms})
@@ -269,6 +274,32 @@ def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[st
     result["search"] = {"trials": args.search_samples, "grace_period": default_grace_period(args.student_epochs)}
     result["goals"] = goals(result, dataset)
     return result
+
+
+def progress_key(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
+    """The settings a saved result depends on: a rerun with other settings starts afresh."""
+    keys = ("student", "batch_size", "teacher_epochs", "student_epochs", "search_samples", "teacher_weights", "set")
+    return {"dataset": dataset, **{key: getattr(args, key) for key in keys}}
+
+
+class Progress:
+    """Each arm-seed result saved as it finishes, so a stopped run resumes where it was (hours on CPU)."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self.path, self.settings = path, settings
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self.done = saved.get("done", {}) if saved.get("settings") == settings else {}
+
+    def get(self, key: str) -> Any:
+        return self.done.get(key)
+
+    def put(self, key: str, value: Any) -> Any:
+        self.done[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".part")
+        partial.write_text(json.dumps({"settings": self.settings, "done": self.done}, indent=1))
+        partial.replace(self.path)
+        return value
 
 
 def goals(result: dict[str, Any], dataset: str) -> dict[str, Any]:
