@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; must be absent or empty)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a --out folder holding a prepared dataset (other non-empty folders are refused)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a --out folder holding a prepared dataset (other non-empty folders are refused)",
+    )
     parser.add_argument(
         "--max-pixels",
         type=_positive_int,
@@ -70,8 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_dir(output_path(args.out), args.overwrite)
         data = get_source(args.source).load(args, rejections)
         # Progress goes to stdout: on invalid input, stderr holds the one error line and nothing else.
-        info = write_dataset(args.out, data, rejections, overwrite=args.overwrite,
-                             rows_per_shard=args.rows_per_shard, log=stdout_log, max_pixels=args.max_pixels)
+        info = write_dataset(
+            args.out,
+            data,
+            rejections,
+            overwrite=args.overwrite,
+            rows_per_shard=args.rows_per_shard,
+            log=stdout_log,
+            max_pixels=args.max_pixels,
+        )
     for message in rejections.messages[:MESSAGES_SHOWN]:
         stderr_log(f"dropped: {message}")
     print(summary_line(args.out, info))

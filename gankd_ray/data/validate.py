@@ -188,8 +188,10 @@ def image_header_problem(image: Image.Image, max_pixels: int) -> str:
     if width * height > max_pixels:
         return f"{width}x{height} is {width * height} pixels, above the limit of {max_pixels} (--max-pixels)"
     if image.mode in WIDE_MODES:
-        return (f"pixels of mode {image.mode!r} (16-bit or float) would be clipped to 8 bits: "
-                "convert the image to 8 bits per channel first")
+        return (
+            f"pixels of mode {image.mode!r} (16-bit or float) would be clipped to 8 bits: "
+            "convert the image to 8 bits per channel first"
+        )
     return ""
 
 

@@ -416,9 +416,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wheel", default=None, help=f"use this {DEEPFOREST_WHEEL.requirement} wheel file instead of downloading it"
     )
-    parser.add_argument(
-        "--cache", default=None, help=f"wheel cache folder (default {wheels.default_cache_dir()})"
-    )
+    parser.add_argument("--cache", default=None, help=f"wheel cache folder (default {wheels.default_cache_dir()})")
 
 
 def _load(args: argparse.Namespace, rejections: Rejections) -> SourceData:

@@ -54,8 +54,15 @@ Polygon = list[tuple[float, float]]
 
 # The cluttered mix (generator version 1's defaults): ``SyntheticSpec(**HARD)``.
 HARD = {
-    "min_objects": 1, "max_objects": 6, "min_object_px": 14.0, "max_object_px": 70.0,
-    "min_distractors": 2, "max_distractors": 7, "min_lines": 1, "max_lines": 3, "background_contrast": 1.0,
+    "min_objects": 1,
+    "max_objects": 6,
+    "min_object_px": 14.0,
+    "max_object_px": 70.0,
+    "min_distractors": 2,
+    "max_distractors": 7,
+    "min_lines": 1,
+    "max_lines": 3,
+    "background_contrast": 1.0,
 }
 
 
@@ -107,12 +114,15 @@ def check_spec(spec: SyntheticSpec) -> None:
     """Raise ``DatasetError`` naming the first generator parameter out of range."""
     if spec.image_size < 64:
         raise DatasetError(f"synthetic: image size {spec.image_size} px is too small (>= 64)")
-    for low, high, floor in (("min_objects", "max_objects", 1), ("min_object_px", "max_object_px", 4),
-                             ("min_distractors", "max_distractors", 0), ("min_lines", "max_lines", 0)):
+    for low, high, floor in (
+        ("min_objects", "max_objects", 1),
+        ("min_object_px", "max_object_px", 4),
+        ("min_distractors", "max_distractors", 0),
+        ("min_lines", "max_lines", 0),
+    ):
         if getattr(spec, low) < floor or getattr(spec, high) < getattr(spec, low):
             raise DatasetError(
-                f"synthetic: {low}={getattr(spec, low)}, {high}={getattr(spec, high)}: "
-                f"need {floor} <= {low} <= {high}"
+                f"synthetic: {low}={getattr(spec, low)}, {high}={getattr(spec, high)}: need {floor} <= {low} <= {high}"
             )
     if not 0.0 <= spec.background_contrast <= 1.0:
         raise DatasetError(f"synthetic: background_contrast={spec.background_contrast}: must be in [0, 1]")

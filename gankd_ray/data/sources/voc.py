@@ -81,8 +81,11 @@ def voc_source_data(
             rejections.reject("image", f"{path}: image {image_id}: unreadable annotation XML")
             continue
         if voc.named and not is_plain_relative_path(voc.named):
-            rejections.reject("image", f"{path}: image {image_id}: <filename> {short_repr(voc.named)} must be a "
-                                       "plain relative path inside JPEGImages/")
+            rejections.reject(
+                "image",
+                f"{path}: image {image_id}: <filename> {short_repr(voc.named)} must be a "
+                "plain relative path inside JPEGImages/",
+            )
             continue
         records.append(_record(image_id, voc, category_ids, rejections))
     return SourceData(
