@@ -253,8 +253,16 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     loader_workers: int = 1
+    # Rows held to shuffle the streamed training share: the loader's memory is this, not the split.
+    shuffle_buffer: int = 1024
     hflip: bool = True
     jitter: float = 0.2
+
+    def validate(self) -> None:
+        if self.loader_workers < 0:
+            raise ConfigError(f"data.loader_workers={self.loader_workers}: must be >= 0")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 1")
 
 
 @dataclass
@@ -278,6 +286,7 @@ class RunConfig:
         self.distill.validate()
         self.discriminator.validate()
         self.optim.validate()
+        self.data.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

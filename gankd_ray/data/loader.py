@@ -1,32 +1,47 @@
 """Batches for training and evaluation from one rank's share of a prepared split.
 
-The share is read once and kept as encoded bytes in memory; decoding and transforms run in
-background ``torch.utils.data.DataLoader`` workers. Training gives every rank the same number of
-batches, ``floor(floor(N / W) / B)`` (drop_last), so DDP ranks step in lockstep; evaluation yields
-each of the rank's rows exactly once, in order.
+The share streams from storage row group by row group (``SplitShare``): memory is bounded by the shuffle
+buffer and the batches in flight, not by the split. The batch sampler runs in the calling process and reads
+the encoded rows; decoding and transforms run in background ``torch.utils.data.DataLoader`` workers, which
+receive the encoded rows themselves as the sampler's keys.
 
-Augmentations are seeded by ``(seed, epoch, image_id)``: a run is reproducible whatever the number
-of loader workers or ranks.
+Training visits the share's row groups in a seeded order per epoch through a seeded shuffle buffer and gives
+every rank the same number of batches, ``floor(floor(N / W) / B)`` (drop_last), so DDP ranks step in
+lockstep; evaluation yields each of the rank's rows exactly once, in order. Shuffles are seeded by
+``(seed, epoch)`` and augmentations by ``(seed, epoch, image_id)``: for a given world size a run is
+reproducible whatever the number of loader workers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gankd_ray.data.reader import count_rows, read_split
+from gankd_ray.data.reader import split_share
 from gankd_ray.data.transforms import DetectionTransform
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[dict[str, Any]]]
+# (image_id, encoded image, boxes without ignore regions, their labels): what a batch needs of a row.
+EncodedRow = tuple[int, bytes, np.ndarray, np.ndarray]
+SHUFFLE_BUFFER_ROWS = 1024  # DataConfig.shuffle_buffer's default
+
+
+class RowSource(Protocol):
+    """A rank's share of a split that can be iterated again each epoch (``SplitShare`` is one)."""
+
+    num_rows: int  # rows of this share
+    total_rows: int  # rows of the split over all ranks
+
+    def rows(self, rng: np.random.Generator | None = None) -> Iterator[dict[str, Any]]: ...
 
 
 class DetectionBatchLoader:
-    """Iterable of ``(images, targets, metas)`` batches over ``rows``.
+    """Iterable of ``(images, targets, metas)`` batches over a rank's share of a split.
 
     Yields:
         images: FloatTensor[B, 3, S, S] in [0, 1] (resized, not normalised).
@@ -35,22 +50,25 @@ class DetectionBatchLoader:
         metas: per image ``{"image_id": int, "orig_size": (h, w)}``.
 
     Args:
-        rows: this rank's rows as returned by ``read_split``.
+        rows: this rank's share: a ``RowSource`` such as a streamed ``SplitShare``, or rows as returned by
+            ``read_split``.
         image_size: S.
         batch_size: B (the last eval batch may be smaller).
         train: shuffle per epoch, augment, and drop the rest so every rank yields
             ``floor(floor(total_rows / world_size) / B)`` batches.
-        total_rows: N, rows of the split over all ranks (default ``len(rows)``, right for one rank).
+        total_rows: N, rows of the split over all ranks (default: the share's own ``total_rows``, or
+            ``len(rows)`` for a list, right for one rank).
         world_size: W.
         seed: shuffling and augmentation seed.
         hflip / jitter: training augmentations (see ``DetectionTransform``).
         num_workers: background decoding processes (0 = decode in the caller).
         pin_memory: page-locked batches for faster host-to-GPU copies.
+        shuffle_buffer: rows held for shuffling while training (bounds the loader's memory).
     """
 
     def __init__(
         self,
-        rows: list[dict[str, Any]],
+        rows: RowSource | list[dict[str, Any]],
         image_size: int,
         batch_size: int,
         *,
@@ -62,24 +80,20 @@ class DetectionBatchLoader:
         jitter: float = 0.0,
         num_workers: int = 1,
         pin_memory: bool = False,
+        shuffle_buffer: int = SHUFFLE_BUFFER_ROWS,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
-        self.train = train
+        source = _RowsInMemory(rows) if isinstance(rows, list) else rows
+        total = total_rows if total_rows is not None else source.total_rows
         if train:
-            total = len(rows) if total_rows is None else total_rows
-            num_batches = (total // world_size) // batch_size
-            if num_batches == 0:
-                raise ValueError(
-                    f"optim.batch_size={batch_size}: {total} training rows over {world_size} ranks give no "
-                    "full batch; lower the batch size"
-                )
+            num_batches = _training_batches(total, world_size, batch_size)
         else:
-            num_batches = math.ceil(len(rows) / batch_size)
+            num_batches = math.ceil(source.num_rows / batch_size)
         transform = DetectionTransform(image_size, hflip=hflip and train, jitter=jitter if train else 0.0)
-        self._sampler = _EpochBatches(len(rows), batch_size, num_batches, shuffle=train, seed=seed)
+        self._sampler = _EpochBatches(source, batch_size, num_batches, train, seed, shuffle_buffer)
         self._loader = DataLoader(
-            _RowDataset(rows, transform, seed, augment=train),
+            _DecodeRows(transform, seed, augment=train),
             batch_sampler=self._sampler,
             num_workers=num_workers,
             collate_fn=_collate,
@@ -100,17 +114,9 @@ class DetectionBatchLoader:
         world_size: int = 1,
         **kwargs: Any,
     ) -> DetectionBatchLoader:
-        """Read rank ``rank``'s share of ``split`` at ``uri`` and wrap it (``kwargs`` as in ``__init__``)."""
-        rows = read_split(uri, split, rank=rank, world_size=world_size)
-        return cls(
-            rows,
-            image_size,
-            batch_size,
-            train=train,
-            total_rows=count_rows(uri, split),
-            world_size=world_size,
-            **kwargs,
-        )
+        """Stream rank ``rank``'s share of ``split`` at ``uri`` (``kwargs`` as in ``__init__``)."""
+        share = split_share(uri, split, rank=rank, world_size=world_size)
+        return cls(share, image_size, batch_size, train=train, world_size=world_size, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle and augmentations of the next pass (call before iterating)."""
@@ -123,24 +129,58 @@ class DetectionBatchLoader:
         return iter(self._loader)
 
 
-class _RowDataset(Dataset):
-    """Encoded rows; item ``(index, epoch)`` decodes and transforms one row."""
+def _training_batches(total_rows: int, world_size: int, batch_size: int) -> int:
+    num_batches = (total_rows // world_size) // batch_size
+    if num_batches == 0:
+        raise ValueError(
+            f"optim.batch_size={batch_size}: {total_rows} training rows over {world_size} ranks give no full batch; "
+            "lower the batch size"
+        )
+    return num_batches
 
-    def __init__(self, rows: list[dict[str, Any]], transform: DetectionTransform, seed: int, augment: bool) -> None:
-        # Keep only what batches need: image bytes and positive boxes (ignore regions dropped here).
-        self.rows = [
-            (int(r["image_id"]), r["image"], r["boxes"][~r["iscrowd"]], r["labels"][~r["iscrowd"]]) for r in rows
-        ]
+
+class _RowsInMemory:
+    """A share already in memory (tools and tests), iterated like a ``SplitShare``."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self._rows = rows
+        self.num_rows = self.total_rows = len(rows)
+
+    def rows(self, rng: np.random.Generator | None = None) -> Iterator[dict[str, Any]]:
+        order = rng.permutation(len(self._rows)) if rng is not None else range(len(self._rows))
+        return (self._rows[i] for i in order)
+
+
+def _encoded(row: dict[str, Any]) -> EncodedRow:
+    keep = ~row["iscrowd"]  # ignore regions are not targets
+    return int(row["image_id"]), row["image"], row["boxes"][keep], row["labels"][keep]
+
+
+def shuffled(rows: Iterable[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """``rows`` in an order drawn through a buffer of ``buffer_size``: each row out is a uniform pick among the
+    buffered ones, so rows move up to about ``buffer_size`` places while memory holds ``buffer_size`` rows."""
+    buffer: list[Any] = []
+    for row in rows:
+        if len(buffer) < buffer_size:
+            buffer.append(row)
+            continue
+        pick = int(rng.integers(buffer_size))
+        buffer[pick], row = row, buffer[pick]
+        yield row
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _DecodeRows(Dataset):
+    """Item ``(encoded row, epoch)`` decodes and transforms one row (in a loader worker)."""
+
+    def __init__(self, transform: DetectionTransform, seed: int, augment: bool) -> None:
         self.transform = transform
         self.seed = seed
         self.augment = augment
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-        index, epoch = key
-        image_id, data, boxes, labels = self.rows[index]
+    def __getitem__(self, key: tuple[EncodedRow, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        (image_id, data, boxes, labels), epoch = key
         rng = np.random.default_rng([self.seed, epoch, image_id]) if self.augment else None
         image, boxes_s, orig_size = self.transform(data, boxes, rng)
         target = {"boxes": boxes_s, "labels": torch.as_tensor(labels, dtype=torch.int64)}
@@ -148,26 +188,40 @@ class _RowDataset(Dataset):
 
 
 class _EpochBatches(Sampler):
-    """Batches of ``(row index, epoch)`` keys: a seeded permutation per epoch, or the rows in order."""
+    """Batches of ``(encoded row, epoch)`` keys streamed from the share: shuffled per epoch, or in order."""
 
-    def __init__(self, num_rows: int, batch_size: int, num_batches: int, shuffle: bool, seed: int) -> None:
-        self.num_rows = num_rows
+    def __init__(
+        self, source: RowSource, batch_size: int, num_batches: int, shuffle: bool, seed: int, buffer_size: int
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"data.shuffle_buffer={buffer_size}: must be >= 1")
+        self.source = source
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.shuffle = shuffle
         self.seed = seed
+        self.buffer_size = buffer_size
         self.epoch = 0
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
-        else:
-            order = np.arange(self.num_rows)
-        for start in range(0, self.num_batches * self.batch_size, self.batch_size):
-            yield [(int(i), self.epoch) for i in order[start : start + self.batch_size]]
+    def __iter__(self) -> Iterator[list[tuple[EncodedRow, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        rows = (_encoded(row) for row in self.source.rows(rng))
+        if rng is not None:
+            rows = shuffled(rows, self.buffer_size, rng)
+        batch: list[tuple[EncodedRow, int]] = []
+        batches = 0
+        for row in rows:
+            batch.append((row, self.epoch))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch, batches = [], batches + 1
+                if batches == self.num_batches:  # drop_last: every rank stops at the same step
+                    return
+        if batch and not self.shuffle:
+            yield batch
 
 
 def _collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]]) -> Batch:

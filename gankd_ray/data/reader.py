@@ -9,6 +9,8 @@ The writer shuffled images before sharding (or they are i.i.d.), so a block is a
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,8 @@ def read_dataset_info(uri: str) -> dict[str, Any]:
     open_location(uri)  # an unreachable endpoint, a missing bucket or bad credentials say so, not "not found"
     info = read_dataset_json(uri, "dataset.json")
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{storage.join(uri, 'dataset.json')}: not a format_version {FORMAT_VERSION} prepared dataset")
+        location = storage.join(uri, "dataset.json")
+        raise DatasetError(f"{location}: not a format_version {FORMAT_VERSION} prepared dataset")
     return info
 
 
@@ -62,30 +65,65 @@ def rank_range(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * num_rows // world_size, (rank + 1) * num_rows // world_size
 
 
+@dataclass(frozen=True)
+class RowGroupSlice:
+    """Rows ``[lo, hi)`` of row group ``group`` of the parquet file at ``path``."""
+
+    path: str
+    group: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class SplitShare:
+    """One rank's share of a split as row-group slices: only parquet footers are read until it is iterated, and
+    iterating holds one row group at a time, so memory does not grow with the split."""
+
+    uri: str
+    slices: tuple[RowGroupSlice, ...]
+    total_rows: int  # rows of the split over all ranks
+
+    @property
+    def num_rows(self) -> int:
+        return sum(piece.hi - piece.lo for piece in self.slices)
+
+    def rows(self, rng: np.random.Generator | None = None) -> Iterator[dict[str, Any]]:
+        """The share's rows (see ``read_split``), slice by slice: in file order, or in an ``rng``-drawn order of
+        slices (rows within a slice stay in order; the loader's shuffle buffer mixes them)."""
+        filesystem, _ = open_location(self.uri)
+        order = rng.permutation(len(self.slices)) if rng is not None else range(len(self.slices))
+        for index in order:
+            yield from _rows(_read_slice(filesystem, self.slices[index]))
+
+
+def split_share(uri: str, split: str, rank: int = 0, world_size: int = 1) -> SplitShare:
+    """Rank ``rank``'s share of ``split`` at ``uri`` (see the module docstring), without reading any rows."""
+    filesystem, root = open_location(uri)
+    shards = _shard_metadata(filesystem, root, split)
+    total = sum(meta.num_rows for _, meta in shards)
+    start, stop = rank_range(total, rank, world_size)
+    slices = []
+    offset = 0  # global index of the current row group's first row
+    for path, meta in shards:
+        for group in range(meta.num_row_groups):
+            group_rows = meta.row_group(group).num_rows
+            lo, hi = max(start - offset, 0), min(stop - offset, group_rows)
+            if lo < hi:
+                slices.append(RowGroupSlice(path, group, lo, hi))
+            offset += group_rows
+    return SplitShare(uri, tuple(slices), total)
+
+
 def read_split(uri: str, split: str, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
-    """This rank's share of ``split``.
+    """This rank's share of ``split``, all in memory (small splits and tools; training streams ``split_share``).
 
     Returns:
         One dict per image: ``image_id`` int, ``file_name`` str, ``width``/``height`` int,
         ``image`` bytes (encoded file), ``boxes`` float32[N, 4] xyxy in original pixels,
         ``labels`` int64[N] category ids ``1..K``, ``iscrowd`` bool[N].
     """
-    filesystem, root = open_location(uri)
-    shards = _shard_metadata(filesystem, root, split)
-    start, stop = rank_range(sum(meta.num_rows for _, meta in shards), rank, world_size)
-    tables = []
-    offset = 0  # global index of the current row group's first row
-    for path, meta in shards:
-        groups = []
-        first_row = offset
-        for group in range(meta.num_row_groups):
-            group_rows = meta.row_group(group).num_rows
-            if offset < stop and offset + group_rows > start:
-                groups.append(group)
-            offset += group_rows
-        if groups:
-            tables.append(_read_row_groups(filesystem, path, groups, first_row, meta, start, stop))
-    return [row for table in tables for row in _rows(table)]
+    return list(split_share(uri, split, rank, world_size).rows())
 
 
 def _shard_metadata(filesystem: pafs.FileSystem, root: str, split: str) -> list[tuple[str, pq.FileMetaData]]:
@@ -101,22 +139,10 @@ def _shard_metadata(filesystem: pafs.FileSystem, root: str, split: str) -> list[
     return shards
 
 
-def _read_row_groups(
-    filesystem: pafs.FileSystem,
-    path: str,
-    groups: list[int],
-    first_row: int,
-    meta: pq.FileMetaData,
-    start: int,
-    stop: int,
-) -> pa.Table:
-    """Rows ``[start, stop)`` (global indices) found in row groups ``groups`` of the file at ``path``."""
-    with filesystem.open_input_file(path) as handle:
-        table = pq.ParquetFile(handle).read_row_groups(groups)
-    table_start = first_row + sum(meta.row_group(g).num_rows for g in range(groups[0]))
-    lo = max(start - table_start, 0)
-    hi = min(stop - table_start, table.num_rows)
-    return table.slice(lo, hi - lo)
+def _read_slice(filesystem: pafs.FileSystem, piece: RowGroupSlice) -> pa.Table:
+    with filesystem.open_input_file(piece.path) as handle:
+        table = pq.ParquetFile(handle).read_row_group(piece.group)
+    return table.slice(piece.lo, piece.hi - piece.lo)
 
 
 def _rows(table: pa.Table) -> list[dict[str, Any]]:

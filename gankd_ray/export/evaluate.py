@@ -13,7 +13,9 @@ so its numbers are close to, not identical with, the ``student.pt`` ones.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +79,18 @@ def _resized_batches(data: str, split: str, image_size: int, batch_size: int, nu
     )
 
 
-def _original_batches(data: str, split: str, batch_size: int) -> list[list[dict[str, Any]]]:
-    """The split's rows in chunks of ``batch_size`` (images still encoded)."""
-    from gankd_ray.data import read_split
+def _original_batches(data: str, split: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """The split's rows in chunks of ``batch_size`` (images still encoded), streamed; the split's footers are
+    read here, so a missing split fails before any inference."""
+    from gankd_ray.data.reader import split_share
 
-    rows = read_split(data, split)
-    return [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    rows = split_share(data, split).rows()
+
+    def chunks() -> Iterator[list[dict[str, Any]]]:
+        while chunk := list(itertools.islice(rows, batch_size)):
+            yield chunk
+
+    return chunks()
 
 
 def _resized_results(model, loader, device: str) -> list[dict[str, Any]]:

@@ -249,6 +249,7 @@ def build_data(cfg: RunConfig, ctx: WorkerContext) -> EpochData:
             hflip=cfg.data.hflip and train,
             jitter=cfg.data.jitter if train else 0.0,
             num_workers=cfg.data.loader_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
         )
 
     train, val = loader(cfg.data.train_split, True), loader(cfg.data.val_split, False)
