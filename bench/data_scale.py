@@ -1,0 +1,196 @@
+"""Does the input pipeline's memory stay flat as the dataset grows, and does the loader outrun the trainer?
+
+Per dataset size (synthetic, 160 px, 1k / 10k / 50k training images by default) and per loading mode, one fresh
+process (peak memory is per process):
+- ``streamed``: the training loader as the product builds it (``DetectionBatchLoader.from_dataset``: row groups
+  streamed through the shuffle buffer, decoded in one loader worker);
+- ``in_memory``: the rank's whole share read first (``read_split``), the previous design, as the contrast.
+Each process passes one full training epoch through the loader (every row read, decoded and batched), then runs
+``--train-steps`` real student training steps on its batches (the step's memory does not depend on the dataset, and a
+full epoch of steps at 50k images is hours on CPU). Memory is sampled every 50 ms over the process and its loader
+workers (proportional set sizes summed, from /proc: Linux only). Figures:
+- ``peak_pss_mb`` per size and mode, and ``rss_ratio_50k_over_1k`` (streamed, largest size over smallest, of that
+  memory; goal <= 1.2);
+- ``loader_images_per_s`` (the epoch pass) over ``train_images_per_s`` (the steps) = ``loader_over_consumption``
+  (goal >= 3; one loader worker, as ``data.loader_workers`` defaults).
+Writes ``bench/results/data_scale.json``. The storage side (bytes a search reads from S3) is not measured here yet.
+
+Usage: ``python bench/data_scale.py [--sizes 1000 10000 50000] [--modes streamed in_memory] [--train-steps 20]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "data_scale.json"
+BATCH_SIZE = 16
+
+
+def prepare(size: int, data_root: Path) -> Path:
+    from gankd_ray.data.records import Rejections
+    from gankd_ray.data.sources.synthetic import SyntheticSpec, synthetic_source_data
+    from gankd_ray.data.writer import write_dataset
+
+    out = data_root / f"synthetic-{size}"
+    if not (out / "dataset.json").exists():
+        print(f"[bench] generating {size} images at {out}", flush=True)
+        spec = SyntheticSpec(seed=0, num_train=size, num_val=16, num_test=16)
+        write_dataset(out, synthetic_source_data(spec), Rejections(), log=lambda _: None)
+    return out
+
+
+class PeakMemory:
+    """Samples the memory of this process plus its children (the loader workers) until stopped (Linux /proc)."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.pid, self.interval_s, self.peak = os.getpid(), interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss_of(pid: int | str) -> int:
+        """Proportional set size: pages shared by the forked workers (torch, the model) count once in the sum."""
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:  # a worker that just exited
+            return 0
+        pss = next((line for line in text.splitlines() if line.startswith("Pss:")), "Pss: 0 kB")
+        return int(pss.split()[1]) * 1024
+
+    def _children(self) -> list[str]:
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.pid:
+                    children.append(stat.parent.name)
+            except (OSError, IndexError, ValueError):
+                pass
+        return children
+
+    def _rss(self) -> int:
+        return self._rss_of(self.pid) + sum(self._rss_of(child) for child in self._children())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def measure(data: str, mode: str, train_steps: int) -> dict[str, Any]:
+    """One size and mode, in this (fresh) process."""
+    import torch
+
+    from gankd_ray.config import RunConfig
+    from gankd_ray.data.loader import DetectionBatchLoader
+    from gankd_ray.data.reader import read_split
+    from gankd_ray.distill import build_step
+
+    torch.set_num_threads(1)
+    overrides = {"role": "student", "optim.batch_size": BATCH_SIZE, "data.path": data, "detector.num_classes": 5}
+    cfg = RunConfig().with_overrides(overrides)  # the synthetic generator draws 5 classes
+    with PeakMemory() as memory:
+        share = read_split(data, "train") if mode == "in_memory" else None
+        options = {"train": True, "num_workers": 1, "jitter": cfg.data.jitter}
+        if share is None:
+            loader = DetectionBatchLoader.from_dataset(data, "train", cfg.detector.image_size, BATCH_SIZE, **options)
+        else:
+            loader = DetectionBatchLoader(share, cfg.detector.image_size, BATCH_SIZE, **options)
+        started, images = time.perf_counter(), 0
+        for batch, _, _ in loader:
+            images += batch.shape[0]
+        loader_s = time.perf_counter() - started
+        step = build_step(cfg)
+        batches = iter(loader)
+        next(batches)  # the first step builds lazily-initialised state: not timed
+        started = time.perf_counter()
+        for index in range(train_steps):
+            inputs, targets, _ = next(batches)
+            step.train_step(inputs, targets, index / max(train_steps, 1))
+        train_s = time.perf_counter() - started
+    return {
+        "images": images,
+        "peak_pss_mb": memory.peak / 2**20,
+        "loader_images_per_s": images / loader_s,
+        "train_images_per_s": train_steps * BATCH_SIZE / train_s,
+    }
+
+
+def run_child(data: Path, mode: str, train_steps: int) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", str(data), "--modes", mode, "--train-steps", str(train_steps)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    streamed = {row["size"]: row for row in rows if row["mode"] == "streamed"}
+    sizes = sorted(streamed)
+    top = {}
+    if len(sizes) > 1:
+        top["rss_ratio_50k_over_1k"] = streamed[sizes[-1]]["peak_pss_mb"] / streamed[sizes[0]]["peak_pss_mb"]
+        top["rss_ratio_sizes"] = [sizes[-1], sizes[0]]
+    if streamed:
+        ratios = [row["loader_images_per_s"] / row["train_images_per_s"] for row in streamed.values()]
+        top["loader_over_consumption"] = min(ratios)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--modes", nargs="+", choices=["streamed", "in_memory"], default=["streamed", "in_memory"])
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--data-root", type=Path, default=ROOT / "runs" / "data_scale")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one dataset in this process
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.modes[0], args.train_steps)))
+        return 0
+    from gankd_ray.utils import machine_description, write_benchmark_json
+
+    rows = []
+    for size in args.sizes:
+        data = prepare(size, args.data_root)
+        for mode in args.modes:
+            row = {"size": size, "mode": mode, **run_child(data, mode, args.train_steps)}
+            print(
+                f"[bench] {size:>6} images {mode:>9}: peak PSS {row['peak_pss_mb']:7.0f} MB, loader "
+                f"{row['loader_images_per_s']:6.1f} img/s, training {row['train_images_per_s']:5.1f} img/s",
+                flush=True,
+            )
+            rows.append(row)
+    report = {
+        "benchmark": "data_scale",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "batch_size": BATCH_SIZE,
+        "train_steps": args.train_steps,
+        **summarize(rows),
+        "runs": rows,
+    }
+    write_benchmark_json(args.out, report)
+    print(f"[bench] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
