@@ -8,10 +8,11 @@ PYTEST_ARGS ?=
 .PHONY: install demo lint test smoke bench clean
 
 # Re-install only when the project metadata changed; pip takes torch/torchvision from local disk.
-# The export extra (onnx, onnxscript, onnxruntime): the ONNX tests of tests/test_export_cli.py need it.
+# The export extra (onnx, onnxscript, onnxruntime): the ONNX tests of tests/test_export_cli.py need it; the
+# tracking extra (mlflow-skinny): the --mlflow test of tests/test_search.py.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -qq -e '.[dev,export]'
+	$(PY) -m pip install -qq -e '.[dev,export,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,7 +33,19 @@ def smoke_search(synthetic_data, tmp_path_factory):
     # directories.
     data = os.path.relpath(synthetic_data, workdir)
     proc = run_search(
-        "--smoke", "--data", data, "--storage", "runs", "--name", "smoke", "--teacher-epochs", "1", *FAST, cwd=workdir
+        "--smoke",
+        "--data",
+        data,
+        "--storage",
+        "runs",
+        "--name",
+        "smoke",
+        "--teacher-epochs",
+        "1",
+        "--mlflow",
+        "mlruns",  # a local file store, relative like the rest
+        *FAST,
+        cwd=workdir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir / "runs" / "smoke", proc
@@ -180,6 +192,32 @@ def test_confirm_seeds_finds_no_gain_from_useless_kd(synthetic_data, untrained_t
     card = json.loads((experiment / "best" / "card.json").read_text())
     assert card["kd_verdict"]["verdict"] in ("no_effect", "hurts") and card["kd_verdict"]["seeds"] == 2
     assert "## Is the KD gain real?" in (experiment / "report" / "report.md").read_text()
+
+
+def test_smoke_search_trials_are_mlflow_runs(smoke_search):
+    from mlflow.tracking import MlflowClient
+
+    experiment, _ = smoke_search
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    client = MlflowClient(tracking_uri=f"sqlite:///{experiment.parents[1] / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == len(trials)
+    # Every reported epoch is a step of the run's val mAP, and the run's parameters are the trial's sample.
+    epochs = sorted(len(client.get_metric_history(run.info.run_id, "map")) for run in runs)
+    assert epochs == sorted(trials["epochs"])
+    sampled = sorted(round(float(run.data.params["adv_weight"]), 6) for run in runs)
+    assert sampled == sorted(round(float(value), 6) for value in trials["adv_weight"])
+    assert {run.info.status for run in runs} == {"FINISHED"}
+
+
+def test_an_unwritable_mlflow_store_fails_before_ray(synthetic_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_search(
+        "--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--mlflow", str(blocker / "mlruns")
+    )
+    assert proc.returncode == 2 and "--mlflow" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "dashboard" not in proc.stdout
 
 
 # CLI-level refusals (bad space, --resume of an unknown name, ...) live in tests/test_bad_input.py.

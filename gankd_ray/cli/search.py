@@ -97,6 +97,12 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
         help="after the search, retrain the best configuration and the no-KD baseline with N fresh seeds each "
         "and print the KD verdict (mean +- std, helps / no measurable effect / hurts); 0: off (default)",
     )
+    p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="also log every trial (parameters, per-epoch metrics) as an MLflow run: a tracking URI, or a local "
+        "folder (its SQLite store FOLDER/mlflow.db); needs the tracking extra: pip install 'gankd-ray[tracking]'",
+    )
     p.add_argument("--smoke", action="store_true", help="the smallest search that shows every feature")
 
 

@@ -106,6 +106,10 @@ def _check_search_options(request: SearchRequest) -> None:
             f"--grace-period {request.grace_period}: must be between 1 and --max-epochs ({request.max_epochs})"
         )
     _check_optuna_storage(request.optuna_storage)
+    if request.mlflow:
+        from gankd_ray.tune.tracking import check_mlflow
+
+        check_mlflow(request.mlflow)
 
 
 def _check_optuna_storage(value: str | None) -> None:

@@ -74,6 +74,7 @@ class SearchRequest:
     # after the search, retrain the best configuration and the no-KD baseline with this many fresh seeds each
     # and judge the KD gain (gankd_ray.tune.confirm); 0: off
     confirm_seeds: int = 0
+    mlflow: str | None = None  # MLflow tracking URI: every trial becomes an MLflow run (gankd_ray.tune.tracking)
     smoke: bool = False
 
     def resolved(self) -> SearchRequest:
@@ -93,6 +94,8 @@ class SearchRequest:
             value = getattr(request, name)
             if value:
                 setattr(request, name, storage.normalize_uri(value))
+        if request.mlflow and "://" not in request.mlflow:  # a local store's folder, found from any working dir
+            request.mlflow = os.path.abspath(request.mlflow)
         if request.teacher_weights not in ("imagenet", "none"):
             request.teacher_weights = os.path.abspath(request.teacher_weights)
         return request

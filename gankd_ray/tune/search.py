@@ -24,6 +24,7 @@ from gankd_ray.records import EpochRecord, RunContext, read_records
 from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, TrainJob
 from gankd_ray.tune.request import SearchRequest
 from gankd_ray.tune.space import SearchSpace
+from gankd_ray.tune.tracking import tracking_callbacks
 
 # What the searcher and ASHA compare: the trial's best val mAP so far, 0 once it diverged (EpochRecord.score).
 # The best so far, not the last epoch's: Optuna learns a stopped trial's value from its last report, and the
@@ -176,7 +177,7 @@ def build_tuner(job: SearchJob, resources: dict[str, float], verbose: bool = Fal
             storage_path=job.experiment_dir,
             stop=GanHealthStopper(job.request.gan_patience) if job.request.gan_patience else None,
             failure_config=ray.tune.FailureConfig(max_failures=0),
-            callbacks=[TrialConsole()],
+            callbacks=[TrialConsole(), *tracking_callbacks(job)],
             verbose=1 if verbose else 0,
         ),
     )
