@@ -31,6 +31,12 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data"))
 
 
+def flags(**options: object) -> list[str]:
+    """A command line's options from keywords: ``flags(role="gankd", max_failures=0)`` is
+    ``["--role", "gankd", "--max-failures", "0"]`` (keyword order kept)."""
+    return [part for name, value in options.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
 PAPER_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "paper.yaml"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import flags
 
 from gankd_ray.cli import train as train_cli
 from gankd_ray.config import RunConfig
@@ -51,19 +52,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _gankd_args(data: str, teacher: str, storage: Path, *overrides: str) -> list[str]:
-    return [
-        "--role",
-        "gankd",
-        "--data",
-        data,
-        "--teacher",
-        teacher,
-        "--storage",
-        str(storage),
-        "--name",
-        "kd",
-        *overrides,
-    ]
+    return [*flags(role="gankd", data=data, teacher=teacher, storage=storage, name="kd"), *overrides]
 
 
 def test_dry_run_prints_the_distilled_level_pairs_and_exits_0(synthetic_data, fcos18_teacher, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import S3_BUCKET, upload
+from conftest import S3_BUCKET, flags, upload
 
 from gankd_ray import storage
 from gankd_ray.records import read_metrics
@@ -104,25 +104,8 @@ def s3_inputs(s3, synthetic_data, untrained_teacher):
 
 def test_train_on_s3(s3, s3_inputs, tmp_path):
     runs = f"s3://{S3_BUCKET}/train-runs"
-    proc = cli(
-        "train",
-        "--role",
-        "gankd",
-        "--data",
-        s3_inputs["data"],
-        "--teacher",
-        s3_inputs["teacher"],
-        "--storage",
-        runs,
-        "--name",
-        "kd",
-        "--epochs",
-        "2",
-        "--workers",
-        "1",
-        *FAST,
-        cwd=tmp_path,
-    )
+    kd_run = flags(role="gankd", data=s3_inputs["data"], teacher=s3_inputs["teacher"], storage=runs, name="kd")
+    proc = cli("train", *kd_run, *flags(epochs=2, workers=1), *FAST, cwd=tmp_path)
     _assert_ok(proc)
     records = read_metrics(f"{runs}/kd")
     assert [r["epoch"] for r in records] == [1, 2]
@@ -291,27 +274,9 @@ def test_an_s3_outage_ends_the_run_with_one_error_line_and_a_rerun_resumes(s3, s
 
     proxy = TcpProxy(s3["port"])  # the run reaches S3 through it: cutting it is the outage
     runs = f"s3://{S3_BUCKET}/outage-runs"
-    command = [
-        sys.executable,
-        str(ROOT / "launch" / "train.py"),
-        "--role",
-        "gankd",
-        "--data",
-        s3_inputs["data"],
-        "--teacher",
-        s3_inputs["teacher"],
-        "--storage",
-        runs,
-        "--name",
-        "kd",
-        "--epochs",
-        "3",
-        "--workers",
-        "1",
-        "--max-failures",
-        "0",
-        *FAST,
-    ]
+    kd_run = flags(role="gankd", data=s3_inputs["data"], teacher=s3_inputs["teacher"], storage=runs, name="kd")
+    command = [sys.executable, str(ROOT / "launch" / "train.py"), *kd_run, *flags(epochs=3, workers=1, max_failures=0)]
+    command += FAST
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
