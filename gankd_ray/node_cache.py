@@ -91,7 +91,7 @@ def local_file(uri: str, cache_dir: str | None = None, reserve_mb: float = DEFAU
 
 def fetch_dataset(uri: str, cache_dir: str | None = None, reserve_mb: float = DEFAULT_RESERVE_MB) -> Fetched:
     """:func:`local_dataset`, saying whether this call downloaded it. ``DatasetError`` when the remote is not a
-    prepared dataset or the copy does not match it."""
+    prepared dataset, ``CacheError`` when the copy does not match it."""
     from gankd_ray.data.reader import read_dataset_info
 
     if storage.is_local(uri):
@@ -179,7 +179,9 @@ def _download_into_place(target: Path, uri: str, download: Callable[[Path], dict
         staging.mkdir()
         listing = download(staging)
         marker = {"source": uri, "files": listing, "downloaded_at": time.time()}
-        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        with open(staging / MARKER, "w") as out:
+            out.write(json.dumps(marker, indent=2) + "\n")
+            os.fsync(out.fileno())
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -291,6 +293,7 @@ def _copy_files(uri: str, root: str, listing: dict[str, int], staging: Path) -> 
         with stream, open(local, "wb") as out:
             while chunk := _read_chunk(stream, uri, relative):
                 out.write(chunk)
+            os.fsync(out.fileno())  # on disk before the marker is: a node crash leaves no short "complete" file
 
     pool = ThreadPoolExecutor(max_workers=min(COPY_THREADS, max(1, len(listing))))
     try:
