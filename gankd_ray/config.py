@@ -247,7 +247,13 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where the prepared dataset lives (local path or pyarrow URI) and how it is loaded."""
+    """Where the prepared dataset lives (local path or pyarrow URI) and how it is loaded.
+
+    ``cache_dir``: the node-local folder where a remote dataset and teacher are downloaded once per node
+    (``gankd_ray.node_cache``); empty = ``$GANKD_RAY_CACHE``, else ``~/.cache/gankd-ray``, resolved on each
+    node. ``cache_reserve_mb``: free space a cached copy must leave on that disk; a copy that does not fit is
+    not made and the run reads from storage.
+    """
 
     path: str = ""
     train_split: str = "train"
@@ -257,6 +263,18 @@ class DataConfig:
     shuffle_buffer: int = 1024
     hflip: bool = True
     jitter: float = 0.2
+    cache_dir: str = ""
+    cache_reserve_mb: float = 1024.0
+
+    def validate(self) -> None:
+        # Workers run on other nodes in other working directories: only an absolute folder (or one under
+        # the node's home, ~) means the same place there.
+        if self.cache_dir and not self.cache_dir.startswith(("/", "~")):
+            raise ConfigError(
+                f"data.cache_dir={short_repr(self.cache_dir)}: must be an absolute local folder (or start with ~)"
+            )
+        if not self.cache_reserve_mb >= 0:
+            raise ConfigError(f"data.cache_reserve_mb={self.cache_reserve_mb}: must be >= 0")
 
     def validate(self) -> None:
         if self.loader_workers < 0:

@@ -141,7 +141,8 @@ def s3(tmp_path_factory):
     """An S3 API server on a free 127.0.0.1 port with bucket ``S3_BUCKET``.
 
     Yields ``{"url", "env" (what a client needs: AWS_ENDPOINT_URL and a read-write key), "read_only"
-    (env of a key that may only read), "bucket"}``. The test process's own environment gets ``env`` too, so
+    (env of a key that may only read), "bucket", "log" (the server's request log: one line per request,
+    ``"GET /bucket/key HTTP/1.1"``)}``. The test process's own environment gets ``env`` too, so
     pyarrow in the tests reads what the CLIs wrote.
     """
     import os
@@ -151,7 +152,8 @@ def s3(tmp_path_factory):
     import boto3
 
     port = free_port()
-    log = open(tmp_path_factory.mktemp("s3") / "server.log", "w")
+    log_path = tmp_path_factory.mktemp("s3") / "server.log"
+    log = open(log_path, "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(S3_SETUP_REQUESTS)},
@@ -179,7 +181,14 @@ def s3(tmp_path_factory):
             aws_secret_access_key=read_write["AWS_SECRET_ACCESS_KEY"],
         ).create_bucket(Bucket=S3_BUCKET)
         os.environ.update(env)
-        yield {"url": url, "port": port, "env": env, "read_only": {**env, **read_only}, "bucket": S3_BUCKET}
+        yield {
+            "url": url,
+            "port": port,
+            "env": env,
+            "read_only": {**env, **read_only},
+            "bucket": S3_BUCKET,
+            "log": log_path,
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)

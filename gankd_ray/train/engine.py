@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gankd_ray.config import RunConfig
+from gankd_ray.config import DataConfig, RunConfig
 from gankd_ray.records import DIVERGED_QUALITY, EpochRecord, Status, Throughput
 from gankd_ray.train import checkpoint as ckpt
 from gankd_ray.train.spec import TrainJob
@@ -72,7 +72,7 @@ def fit(job: TrainJob, runtime: Runtime, data: EpochData | None = None, eval_eve
     worker_started_at = time.time()  # start-up accounting, reported with the first epoch
     cfg = job.config
     ctx = setup_worker(job, runtime)
-    teacher = load_teacher(job.teacher, ctx.device) if cfg.role == "gankd" else None
+    teacher = load_teacher(job.teacher, ctx.device, cfg.data) if cfg.role == "gankd" else None
     step = build_step(cfg, teacher, ctx)
     start_epoch, best = restore(step, runtime, ctx)
     data = data or build_data(cfg, ctx)
@@ -210,8 +210,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_teacher(path: str | None, device: torch.device):
-    detector, _ = ckpt.load_detector(path, device)
+def load_teacher(path: str | None, device: torch.device, data: DataConfig):
+    """The teacher in eval mode; a remote one is read from the node's cache (``data.cache_*``)."""
+    from gankd_ray.node_cache import local_file
+
+    model_file = local_file(ckpt.resolve_model_file(path), data.cache_dir, data.cache_reserve_mb)
+    detector, _ = ckpt.load_detector(model_file, device)
     return detector
 
 
@@ -235,10 +239,14 @@ def _ddp_wrapper(ctx: WorkerContext) -> Callable[[torch.nn.Module], torch.nn.Mod
 def build_data(cfg: RunConfig, ctx: WorkerContext) -> EpochData:
     from gankd_ray.data.loader import DetectionBatchLoader
     from gankd_ray.eval import load_coco
+    from gankd_ray.node_cache import local_dataset
+
+    # A remote dataset is read from the node's copy (downloaded once per node); cfg keeps the remote location.
+    path = local_dataset(cfg.data.path, cfg.data.cache_dir, cfg.data.cache_reserve_mb)
 
     def loader(split: str, train: bool) -> DetectionBatchLoader:
         return DetectionBatchLoader.from_dataset(
-            cfg.data.path,
+            path,
             split,
             cfg.detector.image_size,
             cfg.optim.batch_size,
@@ -253,7 +261,7 @@ def build_data(cfg: RunConfig, ctx: WorkerContext) -> EpochData:
         )
 
     train, val = loader(cfg.data.train_split, True), loader(cfg.data.val_split, False)
-    coco_gt = load_coco(cfg.data.path, cfg.data.val_split)  # every rank scores the gathered results
+    coco_gt = load_coco(path, cfg.data.val_split)  # every rank scores the gathered results
     return EpochData(train=train, val=val, coco_gt=coco_gt)
 
 
