@@ -275,8 +275,6 @@ class DataConfig:
             )
         if not self.cache_reserve_mb >= 0:
             raise ConfigError(f"data.cache_reserve_mb={self.cache_reserve_mb}: must be >= 0")
-
-    def validate(self) -> None:
         if self.loader_workers < 0:
             raise ConfigError(f"data.loader_workers={self.loader_workers}: must be >= 0")
         if self.shuffle_buffer < 1:
