@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,12 @@ import pytest
 from gankd_ray.data.records import Rejections
 from gankd_ray.data.sources.synthetic import SyntheticSpec, synthetic_source_data
 from gankd_ray.data.writer import write_dataset
+
+# Remote datasets and teachers are cached per node (gankd_ray.node_cache): the tests' copies go to a folder of
+# their own, set before any Ray starts so every worker inherits it, never to the user's ~/.cache.
+TEST_CACHE = tempfile.mkdtemp(prefix="gankd-test-cache-")
+os.environ["GANKD_RAY_CACHE"] = TEST_CACHE
+atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
 
 SYNTHETIC_TEST_SPEC = SyntheticSpec(seed=0, image_size=160, num_train=48, num_val=16, num_test=16)
 SYNTHETIC_ROWS_PER_SHARD = 20  # train splits into files of 20, 20 and 8 rows: readers see several shards
