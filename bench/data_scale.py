@@ -13,7 +13,10 @@ workers (proportional set sizes summed, from /proc: Linux only). Figures:
   memory; goal <= 1.2);
 - ``loader_images_per_s`` (the epoch pass) over ``train_images_per_s`` (the steps) = ``loader_over_consumption``
   (goal >= 3; one loader worker, as ``data.loader_workers`` defaults).
-Writes ``bench/results/data_scale.json``. The storage side (bytes a search reads from S3) is not measured here yet.
+- ``dataset_reads_per_node``: a ``--s3-trials``-trial search (plus its teacher and baseline runs, each reading the
+  dataset) with the dataset on a local S3 API server (moto) behind a byte-counting proxy: bytes the server sent
+  over the bytes of the dataset's files (goal: about 1, one read per node, not one per run). Starts Ray.
+Writes ``bench/results/data_scale.json``.
 
 Usage: ``python bench/data_scale.py [--sizes 1000 10000 50000] [--modes streamed in_memory] [--train-steps 20]``
 """
@@ -21,13 +24,16 @@ Usage: ``python bench/data_scale.py [--sizes 1000 10000 50000] [--modes streamed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +146,105 @@ def run_child(data: Path, mode: str, train_steps: int) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+class CountingProxy:
+    """A TCP forwarder to ``target_port`` that counts the bytes the server sends back: what clients read."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.bytes_to_clients = target_port, 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, source, sink, count: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if count:
+                    with self._lock:
+                        self.bytes_to_clients += len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            source.close()
+            sink.close()
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path) -> Iterator[CountingProxy]:
+    """moto's S3 server on 127.0.0.1 with bucket ``bench``, reached through a counting proxy (this process's
+    environment points at the proxy, and so does every process it starts)."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(workdir / "moto.log", "w") as server_log:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
+        try:
+            proxy = CountingProxy(port)
+            os.environ.update(
+                AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
+                AWS_ACCESS_KEY_ID="bench",
+                AWS_SECRET_ACCESS_KEY="bench",
+                AWS_DEFAULT_REGION="us-east-1",
+            )
+            for _ in range(100):
+                try:
+                    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+                    break
+                except Exception:  # the server is still starting
+                    time.sleep(0.2)
+            yield proxy
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def upload_dataset(data: Path, uri: str) -> int:
+    """What a node copies of a dataset (``gankd_ray.node_cache``): its json, annotations and shards; bytes."""
+    import pyarrow.fs as pafs
+
+    parts = [data / part for part in ("dataset.json", "annotations", "parquet")]
+    for path in parts:
+        pafs.copy_files(str(path), f"{uri}/{path.name}")
+    return sum(f.stat().st_size for p in parts for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+def s3_search_reads(data: Path, workdir: Path, trials: int) -> dict[str, Any]:
+    """Bytes a ``trials``-trial search (which also trains its teacher and baseline) reads from an S3 server
+    holding the dataset, over the bytes of one copy of the dataset: 1.0 is one read per node (one node here)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = workdir / f"node-cache-{time.time_ns()}"  # empty: the search's first run downloads
+    with s3_server(workdir) as proxy:
+        dataset_bytes = upload_dataset(data, "s3://bench/data")
+        before = proxy.bytes_to_clients
+        command = [sys.executable, str(ROOT / "launch" / "search.py"), "--data", "s3://bench/data"]
+        command += ["--storage", str(workdir / "runs"), "--name", cache.name.replace("node-cache", "search")]
+        command += ["--num-samples", str(trials), "--max-epochs", "2", "--grace-period", "1", "--teacher-epochs", "1"]
+        command += ["optim.batch_size=8", "data.loader_workers=0"]
+        with open(workdir / "search.log", "w") as log:
+            env = {**os.environ, "GANKD_RAY_CACHE": str(cache)}
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        read = proxy.bytes_to_clients - before
+    return {
+        "trials": trials,
+        "runs_reading_the_dataset": trials + 2,  # the trials, the teacher and the baseline
+        "nodes": 1,
+        "dataset_bytes": dataset_bytes,
+        "bytes_read_from_s3": read,
+        "dataset_reads_per_node": read / dataset_bytes,
+    }
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     streamed = {row["size"]: row for row in rows if row["mode"] == "streamed"}
     sizes = sorted(streamed)
@@ -160,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--data-root", type=Path, default=ROOT / "runs" / "data_scale")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--s3-trials", type=int, default=4, help="trials of the S3 search (0: skip it; starts Ray)")
+    parser.add_argument("--skip-memory", action="store_true", help="only the S3 search")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one dataset in this process
     args = parser.parse_args(argv)
     if args.child:
@@ -168,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     from gankd_ray.utils import machine_description, write_benchmark_json
 
     rows = []
-    for size in args.sizes:
+    for size in [] if args.skip_memory else args.sizes:
         data = prepare(size, args.data_root)
         for mode in args.modes:
             row = {"size": size, "mode": mode, **run_child(data, mode, args.train_steps)}
@@ -178,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             rows.append(row)
+    s3 = {}
+    if args.s3_trials:
+        s3 = s3_search_reads(prepare(min(args.sizes), args.data_root), args.data_root / "s3", args.s3_trials)
+        print(f"[bench] S3 search of {s3['trials']} trials: {s3['dataset_reads_per_node']:.2f} dataset reads per node")
     report = {
         "benchmark": "data_scale",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -185,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": BATCH_SIZE,
         "train_steps": args.train_steps,
         **summarize(rows),
+        **({"dataset_reads_per_node": s3["dataset_reads_per_node"]} if s3 else {}),
         "runs": rows,
+        "s3_search": s3,
     }
     write_benchmark_json(args.out, report)
     print(f"[bench] wrote {args.out}")
