@@ -159,7 +159,11 @@ class CountingProxy:
     def _accept(self) -> None:
         while True:
             client, _ = self._listener.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is not up yet: the client retries
+                client.close()
+                continue
             threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
