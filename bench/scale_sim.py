@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 from search_efficiency import asha_schedule
 
+from gankd_ray.ray_compat import HEAD_NODE_SHARE
 from gankd_ray.tune.request import SearchRequest, default_grace_period
 from gankd_ray.utils import machine_description, write_benchmark_json
 
@@ -74,8 +75,7 @@ def learning_curves(count: int, a: Assumptions, rng: np.random.Generator) -> np.
     """(count, max_t) best-so-far mAP: saturating curves with per-trial asymptotes and rates, plus noise."""
     asymptote = np.clip(rng.normal(a.asymptote_mean, a.asymptote_sd, (count, 1)), 0.01, 1.0)
     rate = rng.uniform(*a.rate_range, (count, 1))
-    epochs = np.arange(1, a.max_t + 1)
-    noisy = asymptote * (1 - np.exp(-rate * epochs)) + rng.normal(0, a.noise_sd, (count, a.max_t))
+    noisy = asymptote * (1 - np.exp(-rate * np.arange(1, a.max_t + 1))) + rng.normal(0, a.noise_sd, (count, a.max_t))
     return np.maximum.accumulate(np.clip(noisy, 0, 1), axis=1)
 
 
@@ -90,7 +90,6 @@ def simulate_search(concurrency: int, a: Assumptions, seed: int = 0) -> dict:
     schedule = asha_schedule(scores, durations, a.grace_period, a.reduction_factor, concurrency, a.max_t)
     sequential = asha_schedule(scores, durations, a.grace_period, a.reduction_factor, 1, a.max_t)
     ran, ran_alone = np.array(schedule.epochs), np.array(sequential.epochs)
-    wall_min = schedule.wall_s / 60
     busy_s = sum(durations[i, :n].sum() for i, n in enumerate(ran))
     return {
         "concurrency": concurrency,
@@ -100,8 +99,8 @@ def simulate_search(concurrency: int, a: Assumptions, seed: int = 0) -> dict:
         "trials_cut_otherwise_than_one_at_a_time": int((ran != ran_alone).sum()),
         "wall_h": schedule.wall_s / 3600,
         "gpu_busy_share": float(busy_s / (concurrency * schedule.wall_s)),
-        "epochs_per_min": float(ran.sum() / wall_min),
-        "trials_started_per_min": float((count - concurrency) / wall_min),  # after the first wave
+        "epochs_per_min": float(ran.sum() * 60 / schedule.wall_s),
+        "trials_started_per_min": float((count - concurrency) * 60 / schedule.wall_s),  # after the first wave
         "peak_trials_ended_per_min": float(np.bincount((np.array(schedule.ended) // 60).astype(int)).max()),
         "asha_decision_ms_per_result": 1000 * schedule.decision_s / ran.sum(),
     }
@@ -122,7 +121,7 @@ def asha_outcome(ran: np.ndarray, scores: np.ndarray, a: Assumptions) -> dict:
     }
 
 
-def time_optuna(completed=(100, 500, 2000), running=(8, 64, 512), repeats: int = 3, seed: int = 0) -> dict:
+def time_optuna(completed=(100, 500, 2000), running=(8, 64, 512), repeats: int = 5, seed: int = 0) -> dict:
     """TPE ask (define-by-run) and tell seconds after ``completed`` trials (filled by a RandomSampler, same
     distributions) with ``running`` open ones (constant liar counts them; failed afterwards)."""
     import optuna
@@ -251,6 +250,7 @@ def load_figures(sim: dict, measured: dict, a: Assumptions) -> dict:
         "result_kib_per_min": 3 * reports * result_bytes / 1024,
         "controller_polls_per_s": sim["concurrency"] * 2,  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = 0.5, one worker
         "reaper_pings_per_s": sim["concurrency"],  # one per second per run
+        "head_resource_used": sim["concurrency"] * 2 * HEAD_NODE_SHARE,  # driver + reaper, of the head's 1.0
         "checkpoint_gib_per_min": reports * sum(files.values()) / 2**30,
         "s3_put_per_s": reports * puts / 60,
         "s3_get_per_s": reports * gets / 60,
