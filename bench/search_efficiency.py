@@ -23,10 +23,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import heapq
+import itertools
 import json
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -89,18 +93,37 @@ def figures(experiment: Path) -> dict:
     }
 
 
-def replay_asha(epochs: pd.DataFrame, grace_period: int, reduction_factor: int, concurrency: int) -> dict:
-    """Tune's ASHA replayed on complete (FIFO) learning curves: which epochs it would have let each trial run.
+@dataclass
+class Schedule:
+    """What ASHA let each trial (in start order) run: epochs, start and end times (s), and the seconds the
+    scheduler's own calls took (measured)."""
 
-    Trials start in their recorded order whenever one of ``concurrency`` slots frees; each epoch takes as long
-    as it took in the recorded run (the first one includes the trial's start-up), so rung results arrive in a
-    realistic asynchronous order.
+    epochs: list[int]
+    started: list[float]
+    ended: list[float]
+    wall_s: float
+    decision_s: float
+
+
+def asha_schedule(
+    curves: Sequence[Sequence[float]],
+    durations: Sequence[Sequence[float]],
+    grace_period: int,
+    reduction_factor: int,
+    concurrency: int,
+    max_t: int | None = None,
+) -> Schedule:
+    """Tune's own ASHAScheduler driven on given learning curves, without a Ray runtime.
+
+    Trial ``i`` starts, in list order, whenever one of ``concurrency`` slots frees; its epoch ``e`` (1-based)
+    reports ``curves[i][e - 1]`` after ``durations[i][e - 1]`` seconds, so rung results arrive in a realistic
+    asynchronous order. A curve shorter than ``max_t`` (a diverged trial) ends there.
     """
     from types import SimpleNamespace
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    max_t = int(epochs["epoch"].max())
+    max_t = max_t or max(len(curve) for curve in curves)
     scheduler = ASHAScheduler(
         time_attr="epoch",
         metric="map",
@@ -109,39 +132,60 @@ def replay_asha(epochs: pd.DataFrame, grace_period: int, reduction_factor: int, 
         grace_period=grace_period,
         reduction_factor=reduction_factor,
     )
-    curves = {tid: group.sort_values("epoch") for tid, group in epochs.groupby("trial_id")}
-    order = sorted(curves, key=lambda tid: curves[tid]["trial_started"].iloc[0])
-    durations = {
-        tid: c["reported_at"].diff().fillna(c["reported_at"] - c["trial_started"]).tolist() for tid, c in curves.items()
-    }
-    waiting, running, ran = list(order), [], {}
+    count = len(curves)
+    schedule = Schedule([0] * count, [0.0] * count, [0.0] * count, 0.0, 0.0)
+    running: list = []
 
-    def start(tid: str, now: float) -> None:
-        trial = SimpleNamespace(trial_id=tid)
+    def start(index: int, now: float) -> None:
+        trial = SimpleNamespace(trial_id=str(index))
         scheduler.on_trial_add(None, trial)
-        heapq.heappush(running, (now + durations[tid][0], tid, 1, trial))
+        schedule.started[index] = now
+        heapq.heappush(running, (now + durations[index][0], index, 1, trial))
 
-    now = 0.0
-    while waiting and len(running) < concurrency:
-        start(waiting.pop(0), now)
+    waiting = iter(range(count))
+    for index in list(itertools.islice(waiting, concurrency)):
+        start(index, 0.0)
     while running:
-        now, tid, epoch, trial = heapq.heappop(running)
-        result = {"epoch": epoch, "map": float(curves[tid]["map"].iloc[epoch - 1])}
-        if epoch < max_t and scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE:
-            heapq.heappush(running, (now + durations[tid][epoch], tid, epoch + 1, trial))
+        now, index, epoch, trial = heapq.heappop(running)
+        result = {"epoch": epoch, "map": float(curves[index][epoch - 1])}
+        tick = time.perf_counter()
+        more = epoch < min(max_t, len(curves[index]))
+        if more and scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE:
+            schedule.decision_s += time.perf_counter() - tick
+            heapq.heappush(running, (now + durations[index][epoch], index, epoch + 1, trial))
             continue
         scheduler.on_trial_complete(None, trial, result)
-        ran[tid] = epoch
-        if waiting:
-            start(waiting.pop(0), now)
+        schedule.decision_s += time.perf_counter() - tick
+        schedule.epochs[index], schedule.ended[index], schedule.wall_s = epoch, now, now
+        following = next(waiting, None)
+        if following is not None:
+            start(following, now)
+    return schedule
+
+
+def replay_asha(epochs: pd.DataFrame, grace_period: int, reduction_factor: int, concurrency: int) -> dict:
+    """Tune's ASHA replayed on complete (FIFO) learning curves: which epochs it would have let each trial run.
+
+    Trials start in their recorded order; each epoch takes as long as it took in the recorded run (the first one
+    includes the trial's start-up).
+    """
+    max_t = int(epochs["epoch"].max())
+    curves = {tid: group.sort_values("epoch") for tid, group in epochs.groupby("trial_id")}
+    order = sorted(curves, key=lambda tid: curves[tid]["trial_started"].iloc[0])
+    durations = [
+        curves[tid]["reported_at"].diff().fillna(curves[tid]["reported_at"] - curves[tid]["trial_started"]).tolist()
+        for tid in order
+    ]
+    maps = [curves[tid]["map"].tolist() for tid in order]
+    schedule = asha_schedule(maps, durations, grace_period, reduction_factor, concurrency, max_t)
     fifo_best = float(epochs["map"].max())
-    best = max(float(curves[tid]["map"].iloc[:n].max()) for tid, n in ran.items())
+    best = max(max(curve[:ran]) for curve, ran in zip(maps, schedule.epochs))
     return {
         "grace_period": grace_period,
         "reduction_factor": reduction_factor,
-        "epochs_over_fifo": sum(ran.values()) / sum(len(c) for c in curves.values()),
+        "epochs_over_fifo": sum(schedule.epochs) / sum(len(curve) for curve in maps),
         "best_minus_fifo_best": 100.0 * (best - fifo_best),
-        "wall_s": now,
+        "wall_s": schedule.wall_s,
     }
 
 
