@@ -103,3 +103,15 @@ def test_resume_of_a_search_saved_by_an_older_version_says_so(tmp_path):
     (tmp_path / "old" / "search.json").write_text("{}")
     with pytest.raises(InputError, match="older gankd-ray"):
         load_request(str(tmp_path), "old")
+
+
+def test_concurrency_is_bounded_by_the_head_nodes_share_per_trial():
+    from gankd_ray import ray_compat
+    from gankd_ray.tune.search import SearchJob, concurrency_limit, head_node_limit
+
+    job = SearchJob(base=None, space=None, teacher="t", request=SearchRequest(num_samples=10_000))
+    cluster = {"CPU": 2048.0, "GPU": 0.0}  # room for 2048 one-CPU trials
+    if ray_compat.hooks_active():  # drivers and reapers hold 0.001 of the head each
+        assert head_node_limit() == 500 and concurrency_limit(job, cluster) == 500
+    else:  # no head share asked for: only the CPUs bound it
+        assert concurrency_limit(job, cluster) == 2048

@@ -89,7 +89,15 @@ def concurrency_limit(job: SearchJob, resources: dict[str, float]) -> int:
         )
     if job.request.max_concurrent:
         limit = min(limit, job.request.max_concurrent)
-    return max(1, min(limit, job.request.num_samples))
+    return max(1, min(limit, job.request.num_samples, head_node_limit()))
+
+
+def head_node_limit() -> int:
+    """Trials the head node's resource admits: each running trial holds ``HEAD_NODE_SHARE`` of it for its driver
+    and as much for its run's reaper, so past this many the last runs' reapers could not be placed
+    (bench/scale_sim.py: 512 one-GPU trials would need 1.024 of it)."""
+    share = sum(ray_compat.head_node_share().values())
+    return math.floor(1.0 / (2 * share) + 1e-9) if share else 1 << 30
 
 
 def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
