@@ -67,6 +67,19 @@ class Throughput:
 
 
 @dataclass
+class Cost:
+    """What the student costs to run, measured once per run when the search asks (``--objectives
+    map,latency``; ``gankd_ray.export.latency``): median and p90 latency of one image, the CPU threads of the
+    measurement, parameters and forward GFLOPs. Unset otherwise."""
+
+    latency_ms: float | None = None
+    latency_p90_ms: float | None = None
+    latency_threads: int | None = None
+    student_params: int | None = None
+    student_gflops: float | None = None
+
+
+@dataclass
 class EpochRecord:
     """One reported epoch. ``best_*`` are over this run's epochs so far; ``checkpoint`` is the full location
     (``s3://...`` on object storage) of the checkpoint Ray kept for this epoch, filled by the driver."""
@@ -89,6 +102,7 @@ class EpochRecord:
     first_step_at: float | None = None
     checkpoint: str | None = None
     context: RunContext = field(default_factory=RunContext)
+    cost: Cost = field(default_factory=Cost)
 
     @property
     def map(self) -> float | None:
@@ -106,13 +120,15 @@ class EpochRecord:
         flat["status"] = self.status.value
         flat.update(dataclasses.asdict(self.throughput))
         flat.update(dataclasses.asdict(self.context))
+        flat.update(dataclasses.asdict(self.cost))
         return {key: value for key, value in flat.items() if _is_plain(value) and value is not None}
 
     @classmethod
     def from_dict(cls, flat: dict[str, Any]) -> EpochRecord:
         """The inverse of ``to_dict``: known fields by name, COCO figures to ``quality``, other numbers to ``terms``."""
         flat = dict(flat)
-        parts = {name: _pop_fields(flat, kind) for name, kind in (("throughput", Throughput), ("context", RunContext))}
+        kinds = (("throughput", Throughput), ("context", RunContext), ("cost", Cost))
+        parts = {name: _pop_fields(flat, kind) for name, kind in kinds}
         scalars = {name: flat.pop(name, None) for name in _SCALAR_FIELDS}
         status = Status(flat.pop("status", Status.RUNNING))
         quality = {k: flat.pop(k) for k in list(flat) if k in QUALITY_KEYS}
@@ -123,6 +139,7 @@ class EpochRecord:
             terms=terms,
             throughput=Throughput(**parts["throughput"]),
             context=RunContext(**parts["context"]),
+            cost=Cost(**parts["cost"]),
             **scalars,
         )
 

@@ -123,3 +123,23 @@ def test_record_log_replaces_epochs_a_resumed_run_reports_again(tmp_path):
 )
 def test_status_is_the_plain_word(status, ended):
     assert status == status.value and str(status) == status.value and status.ended is ended
+
+
+def test_a_run_that_measures_cost_reports_the_students_latency_on_every_record(synthetic_data, tmp_path):
+    import dataclasses
+
+    job = dataclasses.replace(_job(synthetic_data, tmp_path, 2), measure_cost=True)
+    records = fit(job, LocalRuntime())
+    costs = {(r.cost.latency_ms, r.cost.student_params, r.cost.student_gflops) for r in records}
+    assert len(records) == 2 and len(costs) == 1  # measured once, carried by every record
+    latency, params, gflops = costs.pop()
+    assert latency > 0 and gflops > 0 and params == sum(p.numel() for p in _student(job).parameters())
+    assert records[0].cost.latency_threads >= 1 and "latency_ms" in records[0].to_dict()
+    assert EpochRecord.from_dict(records[0].to_dict()).cost == records[0].cost
+    assert fit(_job(synthetic_data, tmp_path / "plain", 1), LocalRuntime())[0].cost.latency_ms is None
+
+
+def _student(job):
+    from gankd_ray.models import build_detector
+
+    return build_detector(job.config.detector)

@@ -223,6 +223,53 @@ def test_an_unwritable_mlflow_store_fails_before_ray(synthetic_data, tmp_path):
 # CLI-level refusals (bad space, --resume of an unknown name, ...) live in tests/test_bad_input.py.
 
 
+# Two student widths and nothing else searched: the accuracy/latency search's trials differ in cost.
+TWO_STUDENTS_SPACE = """
+params:
+  backbone: {type: categorical, choices: [mobilenet_v2_0.35, mobilenet_v2]}
+  adv_weight: 0.1
+  adv_loss: lsgan
+  feat_weight: 1.0
+  levels: [level1]
+"""
+
+
+def test_an_accuracy_latency_search_marks_its_front_and_picks_in_budget(synthetic_data, untrained_teacher, tmp_path):
+    space = tmp_path / "two_students.yaml"
+    space.write_text(TWO_STUDENTS_SPACE)
+    proc = run_search(
+        "--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "front",
+        "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "4", "--max-epochs", "1",
+        "--scheduler", "fifo", "--objectives", "map,latency", "--pick", "latency_ms<=100000", *FAST,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    experiment = tmp_path / "runs" / "front"
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert len(trials) == 4 and (trials["latency_ms"] > 0).all() and trials["latency_threads"].notna().all()
+    # Measured per architecture: the full-width MobileNetV2 has more parameters and FLOPs than the 0.35 one.
+    by_backbone = trials.groupby("backbone")["student_gflops"].mean()
+    if len(by_backbone) == 2:
+        assert by_backbone["mobilenet_v2"] > by_backbone["mobilenet_v2_0.35"]
+    front = trials[trials["is_pareto"]]
+    assert not front.empty
+    # The fastest trial and the most accurate one are always on the front; every other trial is beaten by one.
+    most_accurate = trials.sort_values(["best_map", "latency_ms"], ascending=[False, True]).iloc[0]  # fastest of ties
+    assert trials.loc[trials["latency_ms"].idxmin(), "is_pareto"] and most_accurate["is_pareto"]
+    for _, row in trials[~trials["is_pareto"]].iterrows():
+        assert ((front["best_map"] >= row["best_map"]) & (front["latency_ms"] <= row["latency_ms"])).any()
+    card = json.loads((experiment / "best" / "card.json").read_text())
+    assert card["latency_ms"] > 0 and card["is_pareto"] is True
+    top = trials[trials["best_map"] == trials["best_map"].max()]
+    assert card["trial_id"] in set(top["trial_id"])  # every trial is within that budget
+    assert (experiment / "report" / "pareto_front.png").is_file()
+
+
+def test_a_bad_pick_rule_fails_before_ray(synthetic_data, tmp_path):
+    proc = run_search("--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--pick", "fps>=30")
+    assert proc.returncode == 2 and "--pick fps>=30" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "dashboard" not in proc.stdout
+
+
 def test_missing_teacher_weights_file_fails_before_ray(synthetic_data, tmp_path):
     proc = run_search(
         "--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--teacher-weights", str(tmp_path / "nope.pth")

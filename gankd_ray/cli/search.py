@@ -98,6 +98,19 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
         "and print the KD verdict (mean +- std, helps / no measurable effect / hurts); 0: off (default)",
     )
     p.add_argument(
+        "--objectives",
+        metavar="LIST",
+        help="map (default) or map,latency: also minimise the student's measured latency (batch 1 on the search's "
+        "device), a multi-objective search whose trials.parquet marks the accuracy/latency front (is_pareto); "
+        "ASHA still stops trials on val mAP",
+    )
+    p.add_argument(
+        "--pick",
+        metavar="RULE",
+        help="which trial best/ exports: map (highest val mAP, default) or a budget such as latency_ms<=5 "
+        "(also params<=N, gflops<=N: the highest val mAP within it)",
+    )
+    p.add_argument(
         "--mlflow",
         metavar="URI",
         help="also log every trial (parameters, per-epoch metrics) as an MLflow run: a tracking URI, or a local "

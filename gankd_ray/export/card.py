@@ -42,6 +42,9 @@ def trial_card(
         "best_epoch": plain_value(trial.get("best_epoch")),
         "status": plain_value(trial.get("status")),
     }
+    # an accuracy/latency search's measurement of this trial's student, and whether it is on the front
+    measured = {key: plain_value(trial.get(key)) for key in ("latency_ms", "latency_threads", "is_pareto")}
+    card.update({key: value for key, value in measured.items() if value is not None})
     references = references or {}
     card.update({key: plain_value(references[key]) for key in REFERENCE_KEYS if key in references})
     return card

@@ -19,7 +19,7 @@ from gankd_ray.tune import results as res
 from gankd_ray.utils import first_line, plain_value
 
 # trials.parquet columns that are results, not hyperparameters.
-RESULT_COLUMNS = frozenset(res.TRIAL_COLUMNS) | {"best_epoch", "best_checkpoint"}
+RESULT_COLUMNS = frozenset(res.TRIAL_COLUMNS) | set(res.COST_COLUMNS) | {"best_epoch", "best_checkpoint", "is_pareto"}
 
 
 def read_trials(experiment_dir: str) -> Any:

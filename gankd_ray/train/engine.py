@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from gankd_ray.config import DataConfig, RunConfig
-from gankd_ray.records import DIVERGED_QUALITY, EpochRecord, Status, Throughput
+from gankd_ray.records import DIVERGED_QUALITY, Cost, EpochRecord, Status, Throughput
 from gankd_ray.train import checkpoint as ckpt
 from gankd_ray.train.spec import TrainJob
 
@@ -75,6 +75,7 @@ def fit(job: TrainJob, runtime: Runtime, data: EpochData | None = None, eval_eve
     teacher = load_teacher(job.teacher, ctx.device, cfg.data) if cfg.role == "gankd" else None
     step = build_step(cfg, teacher, ctx)
     start_epoch, best = restore(step, runtime, ctx)
+    cost = measure_cost(step, cfg, ctx) if job.measure_cost and ctx.rank == 0 else Cost()
     data = data or build_data(cfg, ctx)
     clock: dict[str, float] | None = {"worker_started_at": worker_started_at}
     records = []
@@ -85,6 +86,7 @@ def fit(job: TrainJob, runtime: Runtime, data: EpochData | None = None, eval_eve
         if record.map is not None and record.map > best.get("best_map", -1.0):
             best = {"best_map": record.map, "best_ap50": record.ap50, "best_epoch": epoch}
         _finish_record(record, job, best, runtime)
+        record.cost = cost
         with tempfile.TemporaryDirectory() as tmp:
             directory = write_checkpoint(tmp, step, cfg, epoch, best) if ctx.rank == 0 else None
             runtime.report(record, directory)
@@ -208,6 +210,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def measure_cost(step, cfg: RunConfig, ctx: WorkerContext) -> Cost:
+    """The exported student's latency (batch 1, on this worker's device and threads), parameters and FLOPs."""
+    from gankd_ray.export.latency import measure_latency
+
+    latency = measure_latency(step.export_detector().to(ctx.device), cfg.detector.image_size, device=ctx.device)
+    return Cost(
+        latency_ms=latency.latency_ms,
+        latency_p90_ms=latency.latency_p90_ms,
+        latency_threads=latency.threads,
+        student_params=latency.params,
+        student_gflops=latency.gflops,
+    )
 
 
 def load_teacher(path: str | None, device: torch.device, data: DataConfig):

@@ -58,6 +58,7 @@ class TrainJob:
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2
     context: RunContext = field(default_factory=RunContext)
+    measure_cost: bool = False  # the student's latency, parameters and FLOPs on every record (rank 0)
 
     def __post_init__(self) -> None:
         # Workers run in other working directories (and on other nodes): only absolute locations travel.

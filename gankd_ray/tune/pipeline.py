@@ -106,6 +106,10 @@ def _check_search_options(request: SearchRequest) -> None:
             f"--grace-period {request.grace_period}: must be between 1 and --max-epochs ({request.max_epochs})"
         )
     _check_optuna_storage(request.optuna_storage)
+    from gankd_ray.tune.pareto import parse_objectives, parse_pick
+
+    parse_objectives(request.objectives)
+    parse_pick(request.pick)
     if request.mlflow:
         from gankd_ray.tune.tracking import check_mlflow
 
@@ -237,7 +241,7 @@ def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: 
         result_grid, job.trials_dir, job.request.max_epochs, job.space.keys, job.request.gan_patience
     )
     res.write_tables(job.experiment_dir, trials, epochs)
-    best = res.best_trial(trials)
+    best = pick_best(trials, job.request.pick)
     best_id = None if best is None else str(best["trial_id"])
     table = summary_table(best, job.space.keys, teacher, baseline)
     verdict = confirm_best(plan, best)
@@ -255,6 +259,16 @@ def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: 
         )
     write_report(storage.join(job.experiment_dir, "report"), trials, epochs, job.space, table, best_id)
     return {"trials": trials, "best": best, "table": table, "verdict": verdict[1] if verdict else None}
+
+
+def pick_best(trials, rule: str):
+    """``best/``'s trial by ``--pick`` (the highest val mAP, within a budget when the rule gives one)."""
+    from gankd_ray.tune.pareto import parse_pick
+
+    best = parse_pick(rule).choose(trials)
+    if best is None and rule != "map" and res.best_trial(trials) is not None:
+        print(f"[gankd-ray] --pick {rule}: no healthy trial within it, so nothing is exported to best/", flush=True)
+    return best
 
 
 def confirm_best(plan: SearchPlan, best) -> tuple[str, Any] | None:

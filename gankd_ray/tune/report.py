@@ -49,6 +49,8 @@ def _write_report_files(
         "param_importances.png": _importances(trials, space),
         "discriminator_best.png": _disc_diagnostics(epochs, best_trial_id),
     }
+    if "is_pareto" in trials:  # an accuracy/latency search
+        figures["pareto_front.png"] = _pareto(trials)
     lines = ["# gankd-ray search report", "", summary_table, ""]
     for name, fig in figures.items():
         if fig is None:
@@ -71,6 +73,23 @@ def _history(trials: pd.DataFrame):
     )
     ax.plot(ordered.index, ordered["best_map"].fillna(0).cummax(), color="C2", label="best so far")
     ax.set(xlabel="trial", ylabel="best val mAP", title="Optimisation history (red: stopped/diverged/error)")
+    ax.legend()
+    return fig
+
+
+def _pareto(trials: pd.DataFrame):
+    """Best val mAP against measured latency; the front joined in latency order."""
+    measured = trials[trials["latency_ms"].notna() & trials["best_map"].notna()]
+    if measured.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter(measured["latency_ms"], measured["best_map"], color="C7", label="trial")
+    front = measured[measured["is_pareto"].astype(bool)].sort_values("latency_ms")
+    ax.plot(front["latency_ms"], front["best_map"], marker="o", color="C3", label="accuracy/latency front")
+    for _, row in front.iterrows():
+        ax.annotate(str(row["trial_id"]), (row["latency_ms"], row["best_map"]), fontsize=6)
+    threads = int(measured["latency_threads"].dropna().iloc[0]) if measured["latency_threads"].notna().any() else 0
+    ax.set(xlabel=f"latency, batch 1 (ms, {threads} CPU threads)", ylabel="best val mAP", title="Accuracy vs latency")
     ax.legend()
     return fig
 

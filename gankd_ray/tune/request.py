@@ -74,6 +74,9 @@ class SearchRequest:
     # after the search, retrain the best configuration and the no-KD baseline with this many fresh seeds each
     # and judge the KD gain (gankd_ray.tune.confirm); 0: off
     confirm_seeds: int = 0
+    # "map" or "map,latency": with latency, the searcher looks for the accuracy/latency front (gankd_ray.tune.pareto)
+    objectives: str = "map"
+    pick: str = "map"  # which trial best/ is: the highest val mAP, or the highest within a budget (latency_ms<=5)
     mlflow: str | None = None  # MLflow tracking URI: every trial becomes an MLflow run (gankd_ray.tune.tracking)
     smoke: bool = False
 

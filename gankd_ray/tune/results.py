@@ -7,6 +7,7 @@ tables are complete after a resumed search too.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any
 
@@ -14,9 +15,10 @@ import pandas as pd
 
 from gankd_ray import ray_compat, storage
 from gankd_ray.distill.health import gan_verdict
-from gankd_ray.records import EpochRecord, Status, best_record, read_records
+from gankd_ray.records import Cost, EpochRecord, Status, best_record, read_records
 
 TRIAL_COLUMNS = "trial_id status epochs best_map best_ap50 last_map wall_s node error gan_reason".split()
+COST_COLUMNS = [f.name for f in dataclasses.fields(Cost)]  # set by --objectives map,latency
 
 
 def trial_row(
@@ -48,6 +50,9 @@ def trial_row(
         row["gan_reason"] = gan_verdict([r.terms for r in records], gan_patience)
         status = Status.GAN_FAILED if row["gan_reason"] else status
     row["status"] = status.value
+    cost = records[-1].cost if records else None
+    for name in COST_COLUMNS:
+        row[name] = getattr(cost, name, None)
     for key in keys:
         row[key] = params.get(key)
     return row
@@ -102,6 +107,10 @@ def collect(
             trials[column] = None
     ordered = TRIAL_COLUMNS + [k for k in keys if k not in TRIAL_COLUMNS]
     trials = trials[ordered + [c for c in trials.columns if c not in ordered]]
+    if "latency_ms" in trials and trials["latency_ms"].notna().any():  # a map,latency search: its front
+        from gankd_ray.tune.pareto import pareto_mask
+
+        trials["is_pareto"] = pareto_mask(trials, ["map", "latency"])
     return trials, pd.DataFrame(epoch_rows)
 
 

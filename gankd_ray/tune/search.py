@@ -22,6 +22,7 @@ from gankd_ray.distill.health import gan_verdict
 from gankd_ray.errors import InputError
 from gankd_ray.records import EpochRecord, RunContext, read_records
 from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, TrainJob
+from gankd_ray.tune.pareto import parse_objectives
 from gankd_ray.tune.request import SearchRequest
 from gankd_ray.tune.space import SearchSpace
 from gankd_ray.tune.tracking import tracking_callbacks
@@ -32,6 +33,7 @@ from gankd_ray.tune.tracking import tracking_callbacks
 METRIC = "score"
 SAMPLERS = ("tpe", "random")
 MODE = "max"
+LATENCY_METRIC = "latency_ms"  # the second objective of --objectives map,latency (records.Cost)
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 # A trial driver only waits on its TorchTrainer: it asks no CPU, so the workers can fill the cluster.
@@ -59,6 +61,10 @@ class SearchJob:
     @property
     def experiment_dir(self) -> str:
         return self.request.experiment_dir
+
+    @property
+    def measures_latency(self) -> bool:
+        return "latency" in parse_objectives(self.request.objectives)
 
     @property
     def trials_dir(self) -> str:
@@ -122,6 +128,7 @@ def trial_driver(params: dict[str, Any], job: SearchJob) -> None:
         resources=job.request.resources,
         max_failures=job.max_failures,
         context=RunContext(trial_id=trial_id, trial_started=time.time()),
+        measure_cost=job.measures_latency,
     )
     finished = finished_run(train_job.run_dir)
     if finished is not None:  # a restored search: the run ended before the driver was killed
@@ -152,10 +159,11 @@ def build_tuner(job: SearchJob, resources: dict[str, float], verbose: bool = Fal
 
     from gankd_ray.tune.console import TrialConsole
 
+    # Multi-objective: Optuna is told both at each trial's end; ASHA (TuneConfig's metric) still cuts on the score.
     searcher = OptunaSearch(
         space=job.space.sample,
-        metric=METRIC,
-        mode=MODE,
+        metric=[METRIC, LATENCY_METRIC] if job.measures_latency else METRIC,
+        mode=[MODE, "min"] if job.measures_latency else MODE,
         sampler=build_sampler(job),
         study_name=job.name,
         storage=_optuna_storage(job.request.optuna_storage),

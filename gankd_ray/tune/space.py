@@ -58,6 +58,8 @@ PARAM_PATHS: dict[str, str] = {
     "disc_betas": "optim.disc_betas",
     "weight_decay": "optim.weight_decay",
     "batch_size": "optim.batch_size",
+    # the student's architecture, for accuracy/latency searches (--objectives map,latency)
+    "backbone": "detector.backbone",
 }
 PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 ALL_LEVELS = "all"
