@@ -47,6 +47,11 @@ def test_collapsed_critics_end_the_game_wasserstein_included():
 
 def test_no_adversarial_terms_no_verdict():
     assert gan_verdict([{"loss/total": 1.0}] * 5, patience=2) is None
+    # adv_weight 0 (imitation only): the critics still train and win, but the student's loss ignores them.
+    unplayed = [{**epoch(1.0, x), "kd/adv_weight": 0.0} for x in (0.3, 0.4, 0.5)]
+    assert gan_verdict(unplayed, patience=3) is None
+    ramping = [{**epoch(1.0, x), "kd/adv_weight": w} for x, w in ((0.3, 0.0), (0.4, 0.05), (0.5, 0.1))]
+    assert "saturated" in gan_verdict(ramping, patience=3), "a warm-up ramp from 0 is still a game"
     assert gan_verdict([epoch(1.0, x) for x in (0.1, 0.2, 0.3)], patience=0) is None, "patience 0 turns it off"
 
 

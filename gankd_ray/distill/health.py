@@ -28,6 +28,8 @@ def gan_verdict(history: Sequence[Mapping[str, float]], patience: int = DEFAULT_
     if patience < 1 or len(history) < patience:
         return None
     window = list(history[-patience:])
+    if all(epoch.get("kd/adv_weight") == 0.0 for epoch in window):
+        return None  # adv_weight 0: the critics train, but the student plays no game against them
     levels = sorted(key.removeprefix("kd/adv/") for key in window[-1] if key.startswith("kd/adv/"))
     if not levels or not all(f"kd/adv/{level}" in epoch for epoch in window for level in levels):
         return None
