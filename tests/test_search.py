@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import flags
 
 from gankd_ray.tune.space import SpaceError, load_space
 
@@ -174,14 +175,16 @@ params:
 """
 
 
+def _space_search(data: str, teacher: str, tmp_path: Path, name: str, space_text: str) -> list[str]:
+    """A search's inputs with its own space file (written under ``tmp_path``) and a given teacher."""
+    space = tmp_path / f"{name}.yaml"
+    space.write_text(space_text)
+    return flags(data=data, storage=tmp_path / "runs", name=name, teacher=teacher, space=space)
+
+
 def test_confirm_seeds_finds_no_gain_from_useless_kd(synthetic_data, untrained_teacher, tmp_path):
-    space = tmp_path / "useless.yaml"
-    space.write_text(USELESS_KD_SPACE)
-    proc = run_search(
-        "--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "useless",
-        "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "1", "--max-epochs", "1",
-        "--grace-period", "1", "--confirm-seeds", "2", *FAST,
-    )  # fmt: skip
+    inputs = _space_search(synthetic_data, untrained_teacher, tmp_path, "useless", USELESS_KD_SPACE)
+    proc = run_search(*inputs, *flags(num_samples=1, max_epochs=1, grace_period=1, confirm_seeds=2), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"GAN-KD(: no measurable effect| hurts)", proc.stdout), proc.stdout[-3000:]
     experiment = tmp_path / "runs" / "useless"
@@ -235,13 +238,9 @@ params:
 
 
 def test_an_accuracy_latency_search_marks_its_front_and_picks_in_budget(synthetic_data, untrained_teacher, tmp_path):
-    space = tmp_path / "two_students.yaml"
-    space.write_text(TWO_STUDENTS_SPACE)
-    proc = run_search(
-        "--data", synthetic_data, "--storage", str(tmp_path / "runs"), "--name", "front",
-        "--teacher", untrained_teacher, "--space", str(space), "--num-samples", "4", "--max-epochs", "1",
-        "--scheduler", "fifo", "--objectives", "map,latency", "--pick", "latency_ms<=100000", *FAST,
-    )  # fmt: skip
+    inputs = _space_search(synthetic_data, untrained_teacher, tmp_path, "front", TWO_STUDENTS_SPACE)
+    budget = flags(num_samples=4, max_epochs=1, scheduler="fifo", objectives="map,latency", pick="latency_ms<=99999")
+    proc = run_search(*inputs, *budget, *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     experiment = tmp_path / "runs" / "front"
     trials = pd.read_parquet(experiment / "trials.parquet")
