@@ -4,7 +4,9 @@ Per dataset size (synthetic, 160 px, 1k / 10k / 50k training images by default) 
 process (peak memory is per process):
 - ``streamed``: the training loader as the product builds it (``DetectionBatchLoader.from_dataset``: row groups
   streamed through the shuffle buffer, decoded in one loader worker);
-- ``in_memory``: the rank's whole share read first (``read_split``), the previous design, as the contrast.
+- ``in_memory``: the rank's whole share read first (``read_split``), the previous design, as the contrast;
+- ``ray_data`` (asked for by name; starts Ray): the same epoch through Ray Data (``read_parquet``, decoding in
+  its tasks, its iterator's local shuffle buffer), the alternative engine; loader figures only.
 Each process passes one full training epoch through the loader (every row read, decoded and batched), then runs
 ``--train-steps`` real student training steps on its batches (the step's memory does not depend on the dataset, and a
 full epoch of steps at 50k images is hours on CPU). Memory is sampled every 50 ms over the process and its loader
@@ -74,14 +76,20 @@ class PeakMemory:
         return int(pss.split()[1]) * 1024
 
     def _children(self) -> list[str]:
-        children = []
+        """Every descendant (loader workers; for Ray Data also the raylet, its workers and the object store's
+        users)."""
+        parents = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.pid:
-                    children.append(stat.parent.name)
-            except (OSError, IndexError, ValueError):
+                parents[stat.parent.name] = stat.read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
                 pass
-        return children
+        found, frontier = [], [str(self.pid)]
+        while frontier:
+            children = [pid for pid, parent in parents.items() if parent in frontier]
+            found += children
+            frontier = children
+        return found
 
     def _rss(self) -> int:
         return self._rss_of(self.pid) + sum(self._rss_of(child) for child in self._children())
@@ -101,6 +109,34 @@ class PeakMemory:
         self.peak = max(self.peak, self._rss())
 
 
+def ray_data_epoch(data: str, image_size: int) -> tuple[int, float]:
+    """One shuffled training epoch through Ray Data, the alternative the issue names: ``read_parquet`` of the
+    split, decoded and resized in Ray Data's own tasks, batches from its iterator with a 1024-row local shuffle
+    buffer (as ``data.shuffle_buffer``); images and seconds."""
+    import ray
+
+    from gankd_ray.data.transforms import DetectionTransform
+
+    transform = DetectionTransform(image_size, hflip=False, jitter=0.0)
+
+    def decode(batch: dict) -> dict:
+        import numpy as np
+
+        images = [transform(data, np.zeros((0, 4), np.float32), None)[0].numpy() for data in batch["image"]]
+        return {"image": np.stack(images), "image_id": batch["image_id"]}
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        files = sorted(str(path) for path in Path(data, "parquet", "train").glob("*.parquet"))
+        dataset = ray.data.read_parquet(files, columns=["image_id", "image"]).map_batches(decode, batch_size=64)
+        started, images = time.perf_counter(), 0
+        for batch in dataset.iter_torch_batches(batch_size=BATCH_SIZE, local_shuffle_buffer_size=1024, drop_last=True):
+            images += len(batch["image_id"])
+        return images, time.perf_counter() - started
+    finally:
+        ray.shutdown()
+
+
 def measure(data: str, mode: str, train_steps: int) -> dict[str, Any]:
     """One size and mode, in this (fresh) process."""
     import torch
@@ -113,6 +149,10 @@ def measure(data: str, mode: str, train_steps: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     overrides = {"role": "student", "optim.batch_size": BATCH_SIZE, "data.path": data, "detector.num_classes": 5}
     cfg = RunConfig().with_overrides(overrides)  # the synthetic generator draws 5 classes
+    if mode == "ray_data":
+        with PeakMemory() as memory:
+            images, seconds = ray_data_epoch(data, cfg.detector.image_size)
+        return {"images": images, "peak_pss_mb": memory.peak / 2**20, "loader_images_per_s": images / seconds}
     with PeakMemory() as memory:
         share = read_split(data, "train") if mode == "in_memory" else None
         options = {"train": True, "num_workers": 1, "jitter": cfg.data.jitter}
@@ -249,8 +289,18 @@ def s3_search_reads(data: Path, workdir: Path, trials: int) -> dict[str, Any]:
     }
 
 
+def merged_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's rows over those already in ``path`` (by size and mode), so arms can be measured one at a
+    time (the 50k in-memory arm alone takes minutes)."""
+    measured = {(row["size"], row["mode"]) for row in rows}
+    kept = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    rows = [r for r in kept if (r["size"], r["mode"]) not in measured] + rows
+    return sorted(rows, key=lambda r: (r["size"], r["mode"]))
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     streamed = {row["size"]: row for row in rows if row["mode"] == "streamed"}
+    ray_data = {row["size"]: row for row in rows if row["mode"] == "ray_data"}
     sizes = sorted(streamed)
     top = {}
     if len(sizes) > 1:
@@ -259,13 +309,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if streamed:
         ratios = [row["loader_images_per_s"] / row["train_images_per_s"] for row in streamed.values()]
         top["loader_over_consumption"] = min(ratios)
+    for size in sorted(set(ray_data) & set(streamed)):  # the same epoch through Ray Data, at the same size
+        top.setdefault("ray_data_over_streamed", {})[str(size)] = {
+            "peak_pss": ray_data[size]["peak_pss_mb"] / streamed[size]["peak_pss_mb"],
+            "loader_images_per_s": ray_data[size]["loader_images_per_s"] / streamed[size]["loader_images_per_s"],
+        }
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
-    parser.add_argument("--modes", nargs="+", choices=["streamed", "in_memory"], default=["streamed", "in_memory"])
+    modes = ["streamed", "in_memory", "ray_data"]
+    parser.add_argument("--modes", nargs="+", choices=modes, default=modes[:2], help="ray_data starts Ray")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--data-root", type=Path, default=ROOT / "runs" / "data_scale")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -283,13 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare(size, args.data_root)
         for mode in args.modes:
             row = {"size": size, "mode": mode, **run_child(data, mode, args.train_steps)}
+            training = f", training {row['train_images_per_s']:5.1f} img/s" if "train_images_per_s" in row else ""
             print(
                 f"[bench] {size:>6} images {mode:>9}: peak PSS {row['peak_pss_mb']:7.0f} MB, loader "
-                f"{row['loader_images_per_s']:6.1f} img/s, training {row['train_images_per_s']:5.1f} img/s",
+                f"{row['loader_images_per_s']:6.1f} img/s{training}",
                 flush=True,
             )
             rows.append(row)
-    s3 = {}
+    rows = merged_rows(args.out, rows)
+    s3 = json.loads(args.out.read_text()).get("s3_search", {}) if args.out.exists() else {}
     if args.s3_trials:
         s3 = s3_search_reads(prepare(min(args.sizes), args.data_root), args.data_root / "s3", args.s3_trials)
         print(f"[bench] S3 search of {s3['trials']} trials: {s3['dataset_reads_per_node']:.2f} dataset reads per node")
