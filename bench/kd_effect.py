@@ -209,6 +209,28 @@ def arm_student(arm_name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]
     return {**test_metrics(model, ctx["data"]), "seed": seed}
 
 
+def search_diagnostics(experiment: Path) -> dict[str, Any] | None:
+    """What a search's trials did (evidence for the README): statuses, GAN-health verdicts, and the critics'
+    mean accuracy over the distilled levels at each trial's last epoch."""
+    import pandas as pd
+
+    if not (experiment / "trials.parquet").exists():
+        return None
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    epochs = pd.read_parquet(experiment / "epochs.parquet")
+    accuracy_columns = [c for c in epochs.columns if c.startswith("disc/acc/")]
+    last = epochs.sort_values("epoch").groupby("trial_id").tail(1)
+    critic_accuracy = last[accuracy_columns].mean(axis=1) if accuracy_columns else pd.Series(dtype=float)
+    return {
+        "trials": len(trials),
+        "statuses": trials["status"].value_counts().to_dict(),
+        "gan_reasons": trials["gan_reason"].dropna().str.split(":").str[0].value_counts().to_dict(),
+        "epochs_run": int(trials["epochs"].sum()),
+        "last_epoch_critic_accuracy_median": float(critic_accuracy.median()) if critic_accuracy.notna().any() else None,
+        "best_val_ap50": float(trials["best_ap50"].max()),
+    }
+
+
 def summarize_row(values: list[dict[str, float]]) -> dict[str, Any]:
     maps, ap50s = [v["map"] for v in values], [v["ap50"] for v in values]
 
@@ -270,6 +292,10 @@ def run_dataset(dataset: str, args: argparse.Namespace, address: str) -> dict[st
             result.setdefault(arm_name, []).append(value)
             print(f"[kd_effect] {dataset} {arm_name} seed {seed}: {value}", flush=True)
     result.update({arm: summarize_row(result[arm]) for arm in args.arms})
+    for arm in args.arms:  # the searches' own evidence, read back from their experiment folders
+        if ARMS[arm].search:
+            folders = [storage / f"{arm}-seed{seed}" for seed in range(args.seeds)]
+            result[arm]["diagnostics"] = [search_diagnostics(folder) for folder in folders]
     result["epochs"] = {"teacher": args.teacher_epochs, "student": args.student_epochs}
     result["search"] = {"trials": args.search_samples, "grace_period": default_grace_period(args.student_epochs)}
     result["goals"] = goals(result, dataset)
