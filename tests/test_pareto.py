@@ -38,6 +38,27 @@ def test_pick_takes_the_best_map_within_a_budget():
     assert parse_pick("latency_ms<=0.5").choose(trials) is None
 
 
+def test_a_tie_on_map_goes_to_the_faster_trial_so_the_pick_is_on_the_front():
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["slow_zero", "fast_zero", "mid_zero"],
+            "status": ["completed"] * 3,
+            "best_map": [0.0, 0.0, 0.0],
+            "latency_ms": [20.0, 3.0, 9.0],
+        }
+    )
+    for rule in ("map", "latency_ms<=99999"):
+        picked = parse_pick(rule).choose(trials)
+        assert picked["trial_id"] == "fast_zero"
+        assert pareto_mask(trials, ["map", "latency"])[picked.name]
+
+
+def test_size_budgets_read_the_student_size_columns_of_trials_parquet():
+    trials = _trials().assign(student_params=[1e6, 2e6, 9e6, 3e6, 1e5, 2e6], student_gflops=[0.5, 1, 4, 1.5, 0.1, 1])
+    assert parse_pick("params<=2500000").choose(trials)["trial_id"] == "balanced"
+    assert parse_pick("gflops<=0.6").choose(trials)["trial_id"] == "fast"
+
+
 @pytest.mark.parametrize("text", ["latency<5", "map,latency_ms<=", "fps>=30", "latency_ms<=abc"])
 def test_a_bad_pick_rule_is_one_clear_error(text):
     with pytest.raises(InputError, match="--pick"):

@@ -19,6 +19,9 @@ from gankd_ray.records import Status
 # objective name on the command line -> (trials.parquet column, direction)
 OBJECTIVES = {"map": ("best_map", "max"), "latency": ("latency_ms", "min")}
 UNHEALTHY = (Status.DIVERGED.value, Status.ERROR.value)
+TIE_BREAKS = ("latency_ms", "student_params", "student_gflops")
+# budget name on the command line -> trials.parquet column
+BUDGET_COLUMNS = {"latency_ms": "latency_ms", "params": "student_params", "gflops": "student_gflops"}
 _BUDGET = re.compile(r"^(latency_ms|params|gflops)\s*<=\s*([0-9]*\.?[0-9]+)$")
 
 
@@ -64,7 +67,11 @@ class PickRule:
             pool = pool[pool[self.column] <= self.limit]
         if pool.empty:
             return None
-        return pool.sort_values("best_map", ascending=False).iloc[0]
+        # Ties on mAP (common early, when several trials score 0) go to the cheaper trial, so the pick is never
+        # one that another trial dominates.
+        keys = ["best_map"] + [column for column in TIE_BREAKS if column in pool.columns]
+        ascending = [False] + [True] * (len(keys) - 1)
+        return pool.sort_values(keys, ascending=ascending, kind="stable", na_position="last").iloc[0]
 
 
 def parse_pick(text: str) -> PickRule:
@@ -74,4 +81,4 @@ def parse_pick(text: str) -> PickRule:
     match = _BUDGET.match(text.strip())
     if not match:
         raise InputError(f"--pick {text}: say map, or a budget such as latency_ms<=5 (also params<=N, gflops<=N)")
-    return PickRule(text=text.strip(), column=match.group(1), limit=float(match.group(2)))
+    return PickRule(text=text.strip(), column=BUDGET_COLUMNS[match.group(1)], limit=float(match.group(2)))
