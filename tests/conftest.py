@@ -32,6 +32,28 @@ def make_synthetic_dataset(
     return out
 
 
+def split_row_groups(data: Path, split: str, rows_per_group: int) -> None:
+    """Rewrite the parquet files of ``split`` of the prepared dataset at ``data`` with row groups of
+    ``rows_per_group`` rows (the writer's other settings kept): a small split then spans many row groups."""
+    import pyarrow.parquet as pq
+
+    for path in sorted((data / "parquet" / split).glob("*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table, path, row_group_size=rows_per_group, compression="none", write_statistics=["image_id"])
+
+
+def corrupt_row_group(path: Path, group: int) -> None:
+    """Overwrite the first page header of row group ``group`` of the parquet file at ``path`` with junk: the
+    footer still parses and the other row groups still read; reading that one raises pyarrow's error."""
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a prepared synthetic dataset: 160 px, 48 train / 16 val / 16 test images, 5 classes.

@@ -1,8 +1,9 @@
 """Batches for training and evaluation from one rank's share of a prepared split.
 
-The share streams from storage row group by row group (``SplitShare``): memory is bounded by the shuffle
-buffer and the batches in flight, not by the split. The batch sampler runs in the calling process and reads
-the encoded rows; decoding and transforms run in background ``torch.utils.data.DataLoader`` workers, which
+The share streams from storage row group by row group (``SplitShare``, which reads the next two in a
+background thread while the sampler consumes one): memory is bounded by the shuffle buffer, those row groups
+and the batches in flight, not by the split. The batch sampler runs in the calling process and reads the
+encoded rows; decoding and transforms run in background ``torch.utils.data.DataLoader`` workers, which
 receive the encoded rows themselves as the sampler's keys.
 
 Training visits the share's row groups in a seeded order per epoch through a seeded shuffle buffer and gives

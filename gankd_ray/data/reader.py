@@ -4,14 +4,22 @@ Rank ``r`` of ``W`` gets the contiguous block of global rows ``[floor(r*N/W), fl
 (files sorted by name, rows in file order): shares are disjoint, cover the split once, differ in
 size by at most one, and a rank reads only the row groups that hold its block, not the whole split.
 The writer shuffled images before sharding (or they are i.i.d.), so a block is a fair sample.
+
+Iterating a share reads the next row groups in a background thread while the caller consumes the current
+one (``read_ahead``), so a remote store's latency overlaps training instead of stalling it; the rows, their
+order and the errors raised are those of reading one row group at a time on the caller's thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import posixpath
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +28,14 @@ import pyarrow.parquet as pq
 
 from gankd_ray import storage
 from gankd_ray.data.records import FORMAT_VERSION, DatasetError
+from gankd_ray.utils import first_line
+
+# Row groups read ahead of the one being consumed: one hides a steady store's latency, the second a slow
+# request now and then; each costs a row group of memory (64 rows of encoded images).
+READ_AHEAD_ROW_GROUPS = 2
+READ_AHEAD_THREAD = "gankd-read-ahead"  # name prefix of the background reader thread
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def open_location(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -83,6 +99,7 @@ class SplitShare:
     uri: str
     slices: tuple[RowGroupSlice, ...]
     total_rows: int  # rows of the split over all ranks
+    read_ahead: int = READ_AHEAD_ROW_GROUPS  # row groups read in the background (0: on the caller's thread)
 
     @property
     def num_rows(self) -> int:
@@ -93,8 +110,39 @@ class SplitShare:
         slices (rows within a slice stay in order; the loader's shuffle buffer mixes them)."""
         filesystem, _ = open_location(self.uri)
         order = rng.permutation(len(self.slices)) if rng is not None else range(len(self.slices))
-        for index in order:
-            yield from _rows(_read_slice(filesystem, self.slices[index]))
+        pieces = (self.slices[index] for index in order)
+        for rows in read_ahead(lambda piece: _rows(_read_slice(filesystem, piece)), pieces, self.read_ahead):
+            yield from rows
+
+
+def read_ahead(read: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[R]:
+    """``map(read, items)`` with the next ``depth`` items read in a background thread while the caller consumes
+    the current result (``depth`` 0: ``map`` itself). Results come in ``items`` order; an exception of ``read``
+    is raised to the caller unchanged, at the item where ``map`` would raise it. Closing the iterator (a
+    ``break``, ``close()``, garbage collection) cancels the reads not started and joins the thread, which
+    finishes the read under way first."""
+    if depth < 1:
+        yield from map(read, items)
+        return
+    items = iter(items)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=READ_AHEAD_THREAD)
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in itertools.islice(items, depth):
+            pending.append(executor.submit(read, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(items, 1):
+                pending.append(executor.submit(read, item))
+            yield result
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def read_failure(err: BaseException) -> str:
+    """One line for a failed read: where it failed (the parquet file and row group, when the reader noted
+    them) and why."""
+    return ": ".join([*getattr(err, "__notes__", ()), first_line(err)])
 
 
 def split_share(uri: str, split: str, rank: int = 0, world_size: int = 1) -> SplitShare:
@@ -134,13 +182,24 @@ def _shard_metadata(filesystem: pafs.FileSystem, root: str, split: str) -> list[
         raise DatasetError(f"{folder}: no parquet shards for split {split!r}")
     shards = []
     for path in paths:
-        with filesystem.open_input_file(path) as handle:
+        with _noted(f"{path}: footer"), filesystem.open_input_file(path) as handle:
             shards.append((path, pq.ParquetFile(handle).metadata))
     return shards
 
 
+@contextmanager
+def _noted(where: str) -> Iterator[None]:
+    """An exception raised inside gets the note ``where`` (pyarrow's messages do not name the file); its type
+    and message stay as they are, so callers that classify storage failures see what they always saw."""
+    try:
+        yield
+    except Exception as err:
+        err.add_note(where)
+        raise
+
+
 def _read_slice(filesystem: pafs.FileSystem, piece: RowGroupSlice) -> pa.Table:
-    with filesystem.open_input_file(piece.path) as handle:
+    with _noted(f"{piece.path}: row group {piece.group}"), filesystem.open_input_file(piece.path) as handle:
         table = pq.ParquetFile(handle).read_row_group(piece.group)
     return table.slice(piece.lo, piece.hi - piece.lo)
 

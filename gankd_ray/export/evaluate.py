@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gankd_ray.export.model import InferenceError, LoadedExport, load_export
 from gankd_ray.export.predict import run_scripted, to_tensor
-from gankd_ray.utils import first_line
+
+# What reading a split raises: DatasetError is a ValueError, pyarrow's errors are OSError or ArrowInvalid (a
+# ValueError), a COCO file without a key a KeyError.
+READ_ERRORS = (OSError, ValueError, KeyError)
+_END = object()  # the end of a batch stream
+T = TypeVar("T")
 
 
 def evaluate_export(
@@ -61,13 +66,36 @@ def evaluate_loaded(
             if torchscript
             else _resized_batches(data, split, export.image_size, batch_size, num_workers)
         )
-    except (OSError, ValueError, KeyError) as err:  # DatasetError is a ValueError
-        raise InferenceError(f"{data}: cannot read split {split!r} ({first_line(err)})") from None
+    except READ_ERRORS as err:
+        raise _unreadable(data, split, err) from None
     run = _scripted_results if torchscript else _resized_results
     device = "cpu" if export.file.endswith(".onnx") else device  # onnxruntime's CPU provider
-    metrics: dict[str, Any] = evaluate_coco(coco_gt, run(export.model, batches, device))
+    metrics: dict[str, Any] = evaluate_coco(coco_gt, run(export.model, _read_checked(batches, data, split), device))
     metrics.update({"split": split, "model": str(export.location), "file": export.file})
     return metrics
+
+
+def _unreadable(data: str, split: str, err: BaseException) -> InferenceError:
+    from gankd_ray.data.reader import read_failure
+
+    return InferenceError(f"{data}: cannot read split {split!r} ({read_failure(err)})")
+
+
+def _read_checked(batches: Iterable[T], data: str, split: str) -> Iterator[T]:
+    """``batches``, where a read failure while streaming them (a corrupt row group, storage gone) is the same
+    one-line ``InferenceError`` as one before the first batch. Only fetching a batch is checked: an error of
+    the model keeps its traceback."""
+    iterator: Iterator[T] | None = None
+    while True:
+        try:
+            if iterator is None:
+                iterator = iter(batches)  # a DataLoader with workers reads its first batches here
+            batch = next(iterator, _END)
+        except READ_ERRORS as err:
+            raise _unreadable(data, split, err) from None
+        if batch is _END:
+            return
+        yield batch
 
 
 def _resized_batches(data: str, split: str, image_size: int, batch_size: int, num_workers: int):
