@@ -22,7 +22,7 @@ UNHEALTHY = (Status.DIVERGED.value, Status.ERROR.value)
 TIE_BREAKS = ("latency_ms", "student_params", "student_gflops")
 # budget name on the command line -> trials.parquet column
 BUDGET_COLUMNS = {"latency_ms": "latency_ms", "params": "student_params", "gflops": "student_gflops"}
-_BUDGET = re.compile(r"^(latency_ms|params|gflops)\s*<=\s*([0-9]*\.?[0-9]+)$")
+_BUDGET = re.compile(rf"^({'|'.join(BUDGET_COLUMNS)})\s*<=\s*([0-9]*\.?[0-9]+)$")
 
 
 def parse_objectives(text: str) -> list[str]:
