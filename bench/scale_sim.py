@@ -38,8 +38,12 @@ RESULTS = ROOT / "bench" / "results" / "scale_sim.json"
 S3_PUT_PER_S, S3_GET_PER_S = 3500, 5500  # per prefix, S3's documented request rates
 # Per running trial, on the head node (Ray 2.60 code + gankd_ray): process -> what it imports.
 HEAD_PROCESSES = {
-    "tune_trial_actor": "import ray.tune, gankd_ray.tune.search, gankd_ray.train.run",  # runs trial_driver
-    "train_controller": "import ray.train.torch, gankd_ray.train.loop, gankd_ray.train.run",
+    # runs trial_driver, which builds the trainer (GankdTorchTrainer: no torch in the driver or the controller)
+    "tune_trial_actor": "import ray.tune, ray.tune.integration.ray_train, gankd_ray.tune.search, gankd_ray.train.run, "
+    "gankd_ray.ray_compat as c; c.GankdTorchTrainer",
+    # Ray Train's controller, unpickling the run's backend config and callbacks
+    "train_controller": "import ray.train.v2._internal.execution.controller.controller, gankd_ray.train.run, "
+    "gankd_ray.ray_compat as c; c.TorchProcessGroup; c.PlacementGroupReaperCallback",
     "sync_actor": "import ray.train.v2._internal.execution.checkpoint.sync_actor",  # on the controller's node
     "placement_group_reaper": "import ray, gankd_ray.cluster",  # ours, detached, on the head
 }

@@ -2,11 +2,12 @@
 
 Each trial is what a search trial is up to its first line of training: a Tune trial driver (no CPU) that
 builds a 1-worker TorchTrainer, whose training function only records when it started. ``startup_s`` is the
-time from the driver starting to that function starting (Train controller, placement group, worker process,
-process group). Variants, alternating so both see the same machine:
+time from the driver's trainable starting (before its imports) to that function starting (trainer imports, Train
+controller, placement group, worker process, process group). Variants, alternating so both see the same machine:
 
 - ``stock``: ``ray.train.torch.TorchTrainer`` with Ray Train's metrics callbacks on;
-- ``gankd``: ``GankdTorchTrainer`` (no DatasetManager actor), metrics callbacks off (gankd_ray.ray_compat).
+- ``gankd``: ``GankdTorchTrainer`` (no DatasetManager actor, no torch in the trial driver or the Train controller),
+  metrics callbacks off (gankd_ray.ray_compat).
 Both share gankd-ray's other Train environment defaults (faster health checks, no preemption watcher).
 
 By default a busy loop holds one core, as the other trial's training does in a 2-trial search on 2 cores
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import multiprocessing
 import os
 import statistics
@@ -42,20 +44,21 @@ def record_start(config: dict) -> None:
 
 
 def trial(params: dict) -> None:
+    started = time.time()  # before the driver's imports: what it imports is part of its start-up
     import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
 
     from gankd_ray.cluster import apply_train_env_defaults
     from gankd_ray.ray_compat import TRAIN_METRICS_ENV, GankdTorchTrainer
 
-    started = time.time()
     if params["variant"] == "stock":
+        from ray.train.torch import TorchTrainer  # imports torch, as a stock trial's driver does
+
         os.environ[TRAIN_METRICS_ENV] = "1"
         trainer_class = TorchTrainer
     else:
         apply_train_env_defaults()
-        trainer_class = GankdTorchTrainer
+        trainer_class = functools.partial(GankdTorchTrainer, backend="gloo")
     marker = Path(params["workdir"]) / f"{ray.tune.get_context().get_trial_id()}.started"
     trainer_class(
         record_start,

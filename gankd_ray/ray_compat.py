@@ -10,7 +10,8 @@ failing at import. Hooks whose failure is harmless (an environment variable or l
 exception attribute that is gone) are not gated: they degrade to stock behaviour by themselves.
 
 Gated (off on an unknown Ray):
-- ``GankdTorchTrainer``: Ray's TorchTrainer without the per-run DatasetManager actor, and with
+- ``GankdTorchTrainer``: Ray Train's data-parallel trainer with torch's process group (``TorchProcessGroup``, whose
+  controller side imports no torch), without the per-run DatasetManager actor, and with
   ``PlacementGroupReaperCallback`` in place of Ray Train's PlacementGroupCleanerCallback (see those classes).
 - ``head_node_share``: the head node's internal resource, which pins trial drivers and reapers to the head.
 - ``trial_id_from_dir``: the trial id read from the name of Tune's trial directory.
@@ -19,8 +20,9 @@ Not gated: ``TRAIN_ENV_DEFAULTS``, ``AUTH_NOTICE_LOGGER``, ``train_failure_cause
 ``actor_ready`` (used only by the reaper, which only runs when the hooks are active).
 
 This module imports nothing heavy at import time (no torch, no ray): ``gankd_ray.cluster`` and its reaper
-process use it. The hook classes, which subclass Ray Train internals and ``TorchTrainer`` (hence torch and
-ray.data), are defined on first use (module ``__getattr__``, PEP 562).
+process use it. The hook classes, which subclass Ray Train internals (hence ray.train and ray.data), are defined
+on first use (module ``__getattr__``, PEP 562). None of them imports torch: a trial driver and its Train
+controller never need it (only the training workers do).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 KNOWN_GOOD_RAY_SERIES = ("2.60",)
 
 GATED_HOOKS = (
-    "the TorchTrainer without Ray Data's per-run actor (slower trial start-up)",
+    "the trainer without Ray Data's per-run actor and without torch in its controller (slower trial start-up)",
     "the placement-group reaper (a stopped trial's CPUs are freed only where the dashboard runs)",
     "head-node pinning of trial drivers",
     "trial ids from Tune's directory names",
@@ -77,13 +79,15 @@ def _warn_hooks_off(version: str) -> None:
 # Gated hooks
 
 
-def torch_trainer_class() -> type:
-    """``GankdTorchTrainer`` on a known-good Ray, else Ray's stock ``ray.train.torch.TorchTrainer``."""
+def torch_trainer(train_loop_per_worker, *, backend: str, **trainer_args):
+    """A data-parallel torch trainer whose workers join a ``backend`` (gloo, nccl) process group: a
+    ``GankdTorchTrainer`` on a known-good Ray, else Ray's stock ``ray.train.torch.TorchTrainer``. ``trainer_args``
+    are Ray Train's (``train_loop_config``, ``scaling_config``, ``run_config``)."""
     if hooks_active():
-        return _hook_class("GankdTorchTrainer")
-    from ray.train.torch import TorchTrainer
+        return _hook_class("GankdTorchTrainer")(train_loop_per_worker, backend=backend, **trainer_args)
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    return TorchTrainer
+    return TorchTrainer(train_loop_per_worker, torch_config=TorchConfig(backend=backend), **trainer_args)
 
 
 # Ray's name for a resource only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME).
@@ -194,25 +198,39 @@ def _hook_class(name: str) -> type:
 
 
 def _define_trainer() -> None:
-    """``GankdTorchTrainer``: Ray's TorchTrainer with two of Ray Train V2's per-run helpers swapped.
+    """``GankdTorchTrainer``: Ray Train V2's ``DataParallelTrainer`` set up as its TorchTrainer is, with three of
+    its per-run costs cut.
 
-    1. No Ray Data machinery when a run has no Ray Datasets. Ray Train V2 starts a DatasetManager actor for every
+    1. No torch outside the training workers. ``TorchTrainer`` and its ``TorchConfig`` live in modules that import
+       torch, and the trainer's backend config and training-function context travel (pickled by reference) to
+       the Train controller: so a search's trial driver and every Train controller imported torch, seconds each
+       on a loaded machine, on the path from trial start to the first training step. ``TorchProcessGroup`` is
+       the same set-up as ``TorchConfig`` (gloo or nccl, env:// rendezvous at rank 0's address, Ray's own
+       worker-side functions: ``_set_torch_distributed_env_vars``, ``_setup_torch_process_group``,
+       ``_shutdown_torch``) with torch imported only in the workers. TPUs and ``init_method="tcp"`` are not
+       supported (gankd-ray trains on CPUs and CUDA GPUs).
+    2. No Ray Data machinery when a run has no Ray Datasets. Ray Train V2 starts a DatasetManager actor for every
        run, datasets or not. gankd-ray reads its parquet shards itself, so that actor only costs a fresh Python
        process (importing ray.data) on each trial's start-up path; on a 2-core machine with the other core busy,
        dropping it (and the metrics callbacks, ``TRAIN_METRICS_ENV``) cut the time from trial start to training
        function by a sixth (bench/trial_startup.py).
-    2. ``PlacementGroupReaperCallback`` in place of Ray Train's PlacementGroupCleanerCallback (see below).
+    3. ``PlacementGroupReaperCallback`` in place of Ray Train's PlacementGroupCleanerCallback (see below).
 
-    Hooks: the private ``_create_default_callbacks`` and the classes of the callbacks it returns.
+    Hooks: the private ``_create_default_callbacks`` and the classes of the callbacks it returns; Ray's private
+    torch set-up functions named above, and ``ray.train._internal.utils.get_address_and_port``.
     """
     global GankdTorchTrainer
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     reaper_callback = _hook_class("PlacementGroupReaperCallback")
+    process_group = _hook_class("TorchProcessGroup")
 
-    class GankdTorchTrainer(TorchTrainer):
+    class GankdTorchTrainer(DataParallelTrainer):
+        def __init__(self, train_loop_per_worker, *, backend: str, **trainer_args):
+            super().__init__(train_loop_per_worker, backend_config=process_group(backend=backend), **trainer_args)
+
         def _create_default_callbacks(self):
             kept = [callback for callback in super()._create_default_callbacks() if self._keeps(callback)]
             return [*kept, reaper_callback()]
@@ -221,6 +239,118 @@ def _define_trainer() -> None:
             if isinstance(callback, PlacementGroupCleanerCallback):
                 return False  # replaced by the reaper
             return bool(self.datasets) or not isinstance(callback, DatasetsCallback)
+
+
+def _define_process_group() -> None:
+    """``TorchProcessGroup``: the backend config of ``GankdTorchTrainer`` (see ``_define_trainer``, item 1).
+
+    Its backend runs in the Train controller and only sends functions of this module to the workers; they import
+    Ray's torch set-up (and torch) there.
+    """
+    global TorchProcessGroup
+    import dataclasses
+
+    import ray
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train.backend import Backend, BackendConfig
+    from ray.train.v2._internal.util import TrainingFramework
+
+    class TorchProcessGroupBackend(Backend):
+        # As Ray's torch backend: every worker on a node sees all the node's GPUs the run holds, and picks its own
+        # by local rank (ray.train.torch.get_device), so NCCL can use peer-to-peer between them.
+        share_cuda_visible_devices = True
+
+        def on_start(self, worker_group, backend_config) -> None:
+            address, port = worker_group.execute_single(0, get_address_and_port)
+            worker_group.execute(_set_rendezvous_env, address=address, port=port)
+            world_size = len(worker_group)
+            ray.get(
+                [
+                    worker_group.execute_single_async(
+                        rank,
+                        _join_process_group,
+                        backend=backend_config.backend,
+                        world_rank=rank,
+                        world_size=world_size,
+                        timeout_s=backend_config.timeout_s,
+                    )
+                    for rank in range(world_size)
+                ]
+            )
+
+        def on_shutdown(self, worker_group, backend_config) -> None:
+            futures = worker_group.execute_async(_leave_process_group, destroy=len(worker_group) > 1)
+            try:
+                ray.get(futures, timeout=PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                print(
+                    f"WARNING: torch process group shutdown timed out after {PROCESS_GROUP_SHUTDOWN_TIMEOUT_S} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    @dataclasses.dataclass
+    class TorchProcessGroup(BackendConfig):
+        backend: str = "gloo"
+        timeout_s: int = 1800  # as TorchConfig's: the longest any collective may wait
+
+        @property
+        def backend_cls(self):
+            return TorchProcessGroupBackend
+
+        @property
+        def train_func_context(self):
+            return TorchDeviceContext
+
+        @property
+        def framework(self):
+            return TrainingFramework.TORCH
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
+
+
+# Seconds the workers get to leave their process group at the end of a run (TorchConfig's default is 30).
+PROCESS_GROUP_SHUTDOWN_TIMEOUT_S = 30
+
+
+def _set_rendezvous_env(address: str, port: int) -> None:
+    """On a worker: rank 0's address for env:// rendezvous, and the LOCAL_RANK/RANK/WORLD_SIZE variables torch
+    reads (Ray's own function sets them)."""
+    import os
+
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
+    _set_torch_distributed_env_vars()
+
+
+def _join_process_group(backend: str, world_rank: int, world_size: int, timeout_s: int) -> None:
+    from ray.train.torch.config import _setup_torch_process_group
+
+    _setup_torch_process_group(
+        backend=backend, world_rank=world_rank, world_size=world_size, init_method="env://", timeout_s=timeout_s
+    )
+
+
+def _leave_process_group(destroy: bool) -> None:
+    from ray.train.torch.config import _shutdown_torch
+
+    _shutdown_torch(destroy_process_group=destroy)
+
+
+class TorchDeviceContext:
+    """On a worker, around the training function: Ray's torch context (sets the worker's CUDA device), imported
+    there rather than where the trainer is built."""
+
+    def __enter__(self):
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self._ray_context = TorchConfigContextManager()
+        return self._ray_context.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._ray_context.__exit__(*exc_info)
 
 
 def _define_reaper_callback() -> None:
@@ -275,4 +405,8 @@ def _define_reaper_callback() -> None:
                 self._reaper = None
 
 
-_HOOK_CLASS_DEFINERS = {"GankdTorchTrainer": _define_trainer, "PlacementGroupReaperCallback": _define_reaper_callback}
+_HOOK_CLASS_DEFINERS = {
+    "GankdTorchTrainer": _define_trainer,
+    "TorchProcessGroup": _define_process_group,
+    "PlacementGroupReaperCallback": _define_reaper_callback,
+}

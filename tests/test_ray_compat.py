@@ -7,7 +7,12 @@ use Ray's stock TorchTrainer and still train. Real local Ray, a real tiny Tune r
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -61,6 +66,56 @@ def test_hooks_are_active_on_this_ray(synthetic_data, tmp_path):
     assert "PlacementGroupReaperCallback" in names
     assert not names & {"PlacementGroupCleanerCallback", "DatasetsCallback"}, names
     assert ray_compat.head_node_share() == {ray_compat.HEAD_NODE_RESOURCE: ray_compat.HEAD_NODE_SHARE}
+
+
+# A trial driver's imports and trainer (as gankd_ray.tune.search.trial_driver builds it), then what Ray Train sends
+# its controller: the run's context (holding the backend config) and the default callbacks.
+_TRIAL_DRIVER = """
+import pickle, sys
+import ray.cloudpickle, ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+import gankd_ray.tune.search
+from gankd_ray.cluster import apply_train_env_defaults
+from gankd_ray.config import RunConfig
+from gankd_ray.train.run import build_trainer
+from gankd_ray.train.spec import Resources, TrainJob
+
+apply_train_env_defaults()
+job = TrainJob(config=RunConfig(), storage=sys.argv[2], name="driver", resources=Resources(workers=2))
+trainer = build_trainer(job)
+with open(sys.argv[1], "wb") as out:
+    ray.cloudpickle.dump((trainer.train_run_context, trainer._create_default_callbacks()), out)
+print("torch" in sys.modules)
+"""
+_TRAIN_CONTROLLER = """
+import json, pickle, sys
+context, callbacks = pickle.load(open(sys.argv[1], "rb"))
+print(json.dumps({
+    "torch": "torch" in sys.modules,
+    "backend": context.backend_config.backend,
+    "workers": context.scaling_config.num_workers,
+    "callbacks": [type(c).__name__ for c in callbacks],
+}))
+"""
+
+
+def _python(code: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's gankd_ray, in a fresh process
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_trial_drivers_and_train_controllers_never_import_torch(tmp_path):
+    """Only the training workers need torch: a trial driver building its trainer and the Train controller
+    unpickling what the driver sends it load none (torch costs seconds of each trial's start-up on a loaded
+    machine, and ~250 MiB of private memory per process on the head node)."""
+    sent = tmp_path / "controller_args.pkl"
+    assert _python(_TRIAL_DRIVER, str(sent), str(tmp_path)) == "False", "the trial driver imported torch"
+    controller = json.loads(_python(_TRAIN_CONTROLLER, str(sent)))
+    assert controller["torch"] is False, "the Train controller imported torch"
+    assert (controller["backend"], controller["workers"]) == ("gloo", 2), controller
+    assert "PlacementGroupReaperCallback" in controller["callbacks"], controller
 
 
 def test_version_policy():

@@ -8,35 +8,44 @@ architecture from the config alone), the modules DDP wraps
 (:class:`StudentModule`, :class:`DiscriminatorModule`) and :class:`FrozenTeacher`.
 """
 
-from gankd_ray.distill import adversarial, features
-from gankd_ray.distill.adapters import FeatureAdapter, build_adapters, tap_activations
-from gankd_ray.distill.discriminators import LevelDiscriminator, build_discriminators
-from gankd_ray.distill.modules import DiscriminatorModule, FrozenTeacher, StudentModule, frozen_parameters
-from gankd_ray.distill.optim import WarmupCosine
-from gankd_ray.distill.step import Diverged, GanKD, TrainStep, build_step, distilled_levels, export_student, identity
-from gankd_ray.distill.teacher_head import AdaptedBackbone, build_student, student_with_teacher_head
+import importlib
 
-__all__ = [
-    "AdaptedBackbone",
-    "DiscriminatorModule",
-    "Diverged",
-    "FeatureAdapter",
-    "FrozenTeacher",
-    "GanKD",
-    "LevelDiscriminator",
-    "StudentModule",
-    "TrainStep",
-    "WarmupCosine",
-    "adversarial",
-    "build_adapters",
-    "build_discriminators",
-    "build_step",
-    "build_student",
-    "distilled_levels",
-    "export_student",
-    "features",
-    "frozen_parameters",
-    "identity",
-    "student_with_teacher_head",
-    "tap_activations",
-]
+# The names above, each with the submodule that defines it. They load on first use (PEP 562), so that
+# torch-free submodules (``health``, ``pairs``) can be imported where torch is not: a search's trial drivers and
+# Train controllers never touch a tensor, and importing torch there costs seconds of every trial's start-up.
+_SUBMODULE_OF = {
+    "AdaptedBackbone": "teacher_head",
+    "DiscriminatorModule": "modules",
+    "Diverged": "step",
+    "FeatureAdapter": "adapters",
+    "FrozenTeacher": "modules",
+    "GanKD": "step",
+    "LevelDiscriminator": "discriminators",
+    "StudentModule": "modules",
+    "TrainStep": "step",
+    "WarmupCosine": "optim",
+    "adversarial": None,
+    "build_adapters": "adapters",
+    "build_discriminators": "discriminators",
+    "build_step": "step",
+    "build_student": "teacher_head",
+    "distilled_levels": "step",
+    "export_student": "step",
+    "features": None,
+    "frozen_parameters": "modules",
+    "identity": "step",
+    "student_with_teacher_head": "teacher_head",
+    "tap_activations": "adapters",
+}
+
+
+def __getattr__(name: str):
+    if name not in _SUBMODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    submodule = importlib.import_module(f"{__name__}.{_SUBMODULE_OF[name] or name}")
+    value = submodule if _SUBMODULE_OF[name] is None else getattr(submodule, name)
+    globals()[name] = value
+    return value
+
+
+__all__ = list(_SUBMODULE_OF)

@@ -37,15 +37,14 @@ STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 def build_trainer(job: TrainJob, callbacks: Sequence[Any] = ()):
     """A TorchTrainer for ``job``; reusing (storage, name) resumes that run from its latest checkpoint."""
     import ray.train
-    from ray.train.torch import TorchConfig
 
     from gankd_ray.train.loop import JOB_KEY, train_loop_per_worker
 
     resources = job.resources
-    return ray_compat.torch_trainer_class()(
+    return ray_compat.torch_trainer(
         train_loop_per_worker,
+        backend=resources.backend,
         train_loop_config={JOB_KEY: job},
-        torch_config=TorchConfig(backend=resources.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.use_gpu, resources_per_worker=resources.per_worker()
         ),
