@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "startup_s_mean": statistics.mean(times),
             "startup_s_std": statistics.pstdev(times),
             "trials": len(times),
+            "per_trial_s": times,  # in the order they ran
         }
         print(f"{variant:>6}: start-up {statistics.mean(times):.2f} +- {statistics.pstdev(times):.2f} s")
     result = {
