@@ -54,6 +54,21 @@ def corrupt_row_group(path: Path, group: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def corrupt_image(path: Path, row: int) -> tuple[int, str]:
+    """Replace the encoded image of row ``row`` of the parquet file at ``path`` with a JPEG header and nothing
+    after it: the row still reads, its image no longer decodes. Returns that row's ``(image_id, file_name)``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[row] = b"\xff\xd8\xff\xe0" + bytes(12)
+    column = table.schema.get_field_index("image")
+    pq.write_table(table.set_column(column, table.schema.field(column), pa.array(images, pa.binary())), path)
+    corrupted = table.slice(row, 1).to_pylist()[0]
+    return corrupted["image_id"], corrupted["file_name"]
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a prepared synthetic dataset: 160 px, 48 train / 16 val / 16 test images, 5 classes.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import corrupt_image
 
 from gankd_ray.config import DataConfig
-from gankd_ray.data import read_split
+from gankd_ray.data import DatasetError, read_split
 from gankd_ray.data.loader import DetectionBatchLoader
 
 S, B = 160, 5
@@ -166,7 +170,28 @@ def test_training_streams_the_share_with_memory_bounded_by_the_buffer(synthetic_
 
 
 def test_a_missing_split_fails_when_the_loader_is_built(synthetic_data: str) -> None:
-    from gankd_ray.data.records import DatasetError
-
     with pytest.raises(DatasetError, match="no parquet shards for split 'nope'"):
         DetectionBatchLoader.from_dataset(synthetic_data, "nope", S, B, train=True, num_workers=0)
+
+
+def test_an_undecodable_image_is_one_line_naming_it_with_or_without_workers(
+    synthetic_data: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    image_id, file_name = corrupt_image(data / "parquet" / "val" / "part-00000.parquet", row=3)
+
+    def error(num_workers: int) -> str:
+        loader = DetectionBatchLoader.from_dataset(str(data), "val", S, B, train=False, num_workers=num_workers)
+        with pytest.raises(DatasetError) as caught:
+            list(loader)
+        return str(caught.value)
+
+    in_caller = error(num_workers=0)
+    assert in_caller == (
+        f"{data}/parquet/val: image {image_id} ({file_name!r}): "
+        "corrupt or unsupported image file: not in an image format PIL recognises"
+    )
+    # A worker's exception would come back as torch's "Caught OSError in DataLoader worker process 0." and
+    # its traceback: the message must be the caller's own line.
+    assert error(num_workers=1) == in_caller

@@ -1,6 +1,7 @@
 """``gankd-evaluate`` on a split whose second row group is corrupt: the read fails mid-stream, after batches
 have been evaluated, and must end as the one-line error of an unreadable split (naming the parquet file and
-row group), exit 2, print no metrics. Runs the real CLI in a subprocess; no Ray (evaluate starts none)."""
+row group), exit 2, print no metrics; an image that does not decode names itself the same way, with or without
+loader workers. Runs the real CLI in a subprocess; no Ray (evaluate starts none)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import corrupt_row_group, split_row_groups
+from conftest import corrupt_image, corrupt_row_group, split_row_groups
 from test_bad_input import EXIT_BAD_INPUT, assert_no_ray, run_cli, snapshot
 
 ROWS_PER_GROUP = 8  # the 16 test rows: two row groups in one file
@@ -61,4 +62,24 @@ def test_a_corrupt_row_group_mid_stream_is_one_line_naming_the_file(
     assert f"{shard}: row group 1: " in last, last
     assert proc.stdout == "", "metrics printed for a split that could not be read"
     assert snapshot(tmp_path) == before
+    assert_no_ray(proc)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_undecodable_image_is_one_line_naming_it_whatever_the_loader_workers(
+    workers: int, synthetic_data: str, export: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    image_id, file_name = corrupt_image(data / "parquet" / "test" / "part-00000.parquet", row=5)
+    args = ["--model", str(export), "--data", str(data), "--batch-size", "4", "--workers", str(workers)]
+    proc = run_cli("evaluate", args, tmp_path).proc
+    assert proc.returncode == EXIT_BAD_INPUT, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: --data: {data}: cannot read split 'test' ({data}/parquet/test: image {image_id} ({file_name!r}): "
+        "corrupt or unsupported image file: not in an image format PIL recognises)"
+    )
+    assert proc.stdout == ""
     assert_no_ray(proc)

@@ -11,24 +11,34 @@ every rank the same number of batches, ``floor(floor(N / W) / B)`` (drop_last), 
 lockstep; evaluation yields each of the rank's rows exactly once, in order. Shuffles are seeded by
 ``(seed, epoch)`` and augmentations by ``(seed, epoch, image_id)``: for a given world size a run is
 reproducible whatever the number of loader workers.
+
+An image that does not decode (a prepared file damaged since) ends the pass with one ``DatasetError`` line
+naming the split's parquet folder, the image id and its file name, the same with or without workers: a
+worker hands the message back as the batch instead of raising, because torch re-raises a worker's exception
+with its traceback folded into the message.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gankd_ray import storage
 from gankd_ray.data.reader import split_share
-from gankd_ray.data.transforms import DetectionTransform
+from gankd_ray.data.records import DatasetError
+from gankd_ray.data.transforms import DetectionTransform, decode_failure, decode_rgb
+from gankd_ray.utils import short_repr
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[dict[str, Any]]]
-# (image_id, encoded image, boxes without ignore regions, their labels): what a batch needs of a row.
-EncodedRow = tuple[int, bytes, np.ndarray, np.ndarray]
+Sample = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]
+# (image_id, file name, encoded image, boxes without ignore regions, their labels): what a batch needs of a row.
+EncodedRow = tuple[int, str, bytes, np.ndarray, np.ndarray]
 SHUFFLE_BUFFER_ROWS = 1024  # DataConfig.shuffle_buffer's default
 
 
@@ -65,6 +75,10 @@ class DetectionBatchLoader:
         num_workers: background decoding processes (0 = decode in the caller).
         pin_memory: page-locked batches for faster host-to-GPU copies.
         shuffle_buffer: rows held for shuffling while training (bounds the loader's memory).
+        where: what error messages call the rows (``from_dataset``: the split's parquet folder).
+
+    Raises (while iterating):
+        DatasetError: an image does not decode.
     """
 
     def __init__(
@@ -82,6 +96,7 @@ class DetectionBatchLoader:
         num_workers: int = 1,
         pin_memory: bool = False,
         shuffle_buffer: int = SHUFFLE_BUFFER_ROWS,
+        where: str = "rows",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -94,7 +109,7 @@ class DetectionBatchLoader:
         transform = DetectionTransform(image_size, hflip=hflip and train, jitter=jitter if train else 0.0)
         self._sampler = _EpochBatches(source, batch_size, num_batches, train, seed, shuffle_buffer)
         self._loader = DataLoader(
-            _DecodeRows(transform, seed, augment=train),
+            _DecodeRows(transform, seed, augment=train, where=where),
             batch_sampler=self._sampler,
             num_workers=num_workers,
             collate_fn=_collate,
@@ -117,7 +132,8 @@ class DetectionBatchLoader:
     ) -> DetectionBatchLoader:
         """Stream rank ``rank``'s share of ``split`` at ``uri`` (``kwargs`` as in ``__init__``)."""
         share = split_share(uri, split, rank=rank, world_size=world_size)
-        return cls(share, image_size, batch_size, train=train, world_size=world_size, **kwargs)
+        where = storage.join(uri, "parquet", split)
+        return cls(share, image_size, batch_size, train=train, world_size=world_size, where=where, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle and augmentations of the next pass (call before iterating)."""
@@ -127,7 +143,10 @@ class DetectionBatchLoader:
         return len(self._sampler)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self._loader)
+        for batch in self._loader:
+            if isinstance(batch, _CorruptImage):
+                raise DatasetError(batch.message)
+            yield batch
 
 
 def _training_batches(total_rows: int, world_size: int, batch_size: int) -> int:
@@ -154,7 +173,7 @@ class _RowsInMemory:
 
 def _encoded(row: dict[str, Any]) -> EncodedRow:
     keep = ~row["iscrowd"]  # ignore regions are not targets
-    return int(row["image_id"]), row["image"], row["boxes"][keep], row["labels"][keep]
+    return int(row["image_id"]), row["file_name"], row["image"], row["boxes"][keep], row["labels"][keep]
 
 
 def shuffled(rows: Iterable[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -172,18 +191,32 @@ def shuffled(rows: Iterable[Any], buffer_size: int, rng: np.random.Generator) ->
     yield from buffer
 
 
+@dataclass(frozen=True)
+class _CorruptImage:
+    """A sample, or a batch, whose image did not decode: the one-line message, carried back from a worker as
+    data (torch would fold a raised exception's traceback into its message)."""
+
+    message: str
+
+
 class _DecodeRows(Dataset):
     """Item ``(encoded row, epoch)`` decodes and transforms one row (in a loader worker)."""
 
-    def __init__(self, transform: DetectionTransform, seed: int, augment: bool) -> None:
+    def __init__(self, transform: DetectionTransform, seed: int, augment: bool, where: str) -> None:
         self.transform = transform
         self.seed = seed
         self.augment = augment
+        self.where = where
 
-    def __getitem__(self, key: tuple[EncodedRow, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-        (image_id, data, boxes, labels), epoch = key
+    def __getitem__(self, key: tuple[EncodedRow, int]) -> Sample | _CorruptImage:
+        (image_id, file_name, data, boxes, labels), epoch = key
+        try:
+            picture = decode_rgb(data)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
+            culprit = f"{self.where}: image {image_id} ({short_repr(file_name)})"
+            return _CorruptImage(f"{culprit}: corrupt or unsupported image file: {decode_failure(err)}")
         rng = np.random.default_rng([self.seed, epoch, image_id]) if self.augment else None
-        image, boxes_s, orig_size = self.transform(data, boxes, rng)
+        image, boxes_s, orig_size = self.transform.apply(picture, boxes, rng)
         target = {"boxes": boxes_s, "labels": torch.as_tensor(labels, dtype=torch.int64)}
         return image, target, {"image_id": image_id, "orig_size": orig_size}
 
@@ -225,6 +258,9 @@ class _EpochBatches(Sampler):
             yield batch
 
 
-def _collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]]) -> Batch:
+def _collate(samples: list[Sample | _CorruptImage]) -> Batch | _CorruptImage:
+    corrupt = [sample for sample in samples if isinstance(sample, _CorruptImage)]
+    if corrupt:
+        return corrupt[0]
     images, targets, metas = zip(*samples)
     return torch.stack(images), list(targets), list(metas)

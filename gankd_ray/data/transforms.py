@@ -13,8 +13,10 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.models.detection.transform import resize_boxes
+
+from gankd_ray.utils import first_line
 
 # ITU-R 601 luma weights, as PIL's "L" conversion uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -24,6 +26,14 @@ def decode_rgb(data: bytes) -> Image.Image:
     """The encoded image file ``data`` as an RGB PIL image (grey, palette and alpha converted)."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
+
+
+def decode_failure(err: Exception) -> str:
+    """Why ``decode_rgb`` failed, in one line that is the same in every process: PIL's "cannot identify image
+    file" names the in-memory buffer by its address."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not in an image format PIL recognises"
+    return first_line(err)
 
 
 def hflip_boxes(boxes: torch.Tensor, width: int | float) -> torch.Tensor:
@@ -93,7 +103,13 @@ class DetectionTransform:
         Returns:
             ``(image FloatTensor[3, S, S] in [0, 1], boxes FloatTensor[N, 4] in S-space, orig_size (h, w))``.
         """
-        picture = decode_rgb(data)
+        return self.apply(decode_rgb(data), boxes, rng)
+
+    def apply(
+        self, picture: Image.Image, boxes: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``__call__`` on an image already decoded (``decode_rgb``): callers that report a corrupt file
+        themselves decode first."""
         orig_size = (picture.height, picture.width)
         size = self.image_size
         picture = resize_square(picture, size)
