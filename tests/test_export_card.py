@@ -67,3 +67,23 @@ def test_the_model_fields_come_from_the_model_file(synthetic_data: str) -> None:
     assert card["parameters"] == sum(p.numel() for p in detector.parameters())
     cfg.data.path = "/nowhere"
     assert "classes" not in model_card(detector, cfg, {}), "an unreachable dataset leaves the names out"
+
+
+def test_an_export_prints_no_torchscript_deprecation_warning(synthetic_data: str, tmp_path) -> None:
+    """torch 2.14 deprecates TorchScript; the export keeps ``student.ts`` and must not print its two warnings."""
+    import warnings
+
+    from gankd_ray.config import RunConfig
+    from gankd_ray.export import export_model
+    from gankd_ray.models import build_detector
+    from gankd_ray.train.checkpoint import model_payload, save_torch
+
+    cfg = RunConfig().with_overrides(["detector.backbone=mobilenet_v2_0.35", "detector.num_classes=5"])
+    cfg.role, cfg.data.path = "teacher", synthetic_data
+    model = save_torch(model_payload(build_detector(cfg.detector), cfg), tmp_path / "model.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export = export_model(model, tmp_path / "export", {"trial_id": "t1"})
+    assert (tmp_path / "export" / "student.ts").is_file(), export
+    jit = [str(w.message) for w in caught if "torch.jit" in str(w.message)]
+    assert not jit, jit

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,15 @@ def export_errors() -> Iterator[None]:
         raise ExportError(first_line(err)) from None
 
 
+def _save_torchscript(detector: torch.nn.Module, path: Path) -> None:
+    """``student.ts``: TorchScript stays in the export for LibTorch (C++) users and ``evaluate --torchscript``,
+    although torch 2.14 deprecates it (ONNX is the export's forward path). Its two FutureWarnings would print at
+    every export, so they are silenced here, and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.\w+` is deprecated")
+        torch.jit.save(torch.jit.script(detector.eval()), str(path))
+
+
 def export_model(model_file: str | Path, out_dir: str | Path, fields: dict[str, Any]) -> str:
     """Write the export files for the model in ``model_file`` into ``out_dir`` (any storage location,
     replaced whole: readers see the old export, no export, or the new one, never a mix); its card is
@@ -78,7 +88,7 @@ def export_model(model_file: str | Path, out_dir: str | Path, fields: dict[str, 
     with storage.staging_dir("gankd-export-") as staging:
         folder = Path(staging)
         torch.save(ckpt.model_payload(detector, config), folder / "student.pt")
-        torch.jit.save(torch.jit.script(detector.eval()), str(folder / "student.ts"))
+        _save_torchscript(detector, folder / "student.ts")
         if config.detector.arch != SSD_ARCH:
             # The ONNX graph's outputs and decoding are the SSD family's (cls_logits, bbox_regression, anchors).
             log.warning("no %s for arch %s: ONNX export covers the ssd family only", ONNX_FILE, config.detector.arch)

@@ -128,6 +128,7 @@ def param_importances(trials: pd.DataFrame, space: SearchSpace) -> dict[str, flo
     rows = trials[trials["best_map"].notna()]
     if len(rows) < 3 or not searched:
         return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" on the console
     study = optuna.create_study(direction="maximize")
     distributions = {p.key: _distribution(p) for p in searched}
     for _, row in rows.iterrows():

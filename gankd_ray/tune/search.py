@@ -213,6 +213,9 @@ def build_sampler(job: SearchJob):
 
     import optuna
 
+    # The search's console shows what a user needs; Optuna's INFO lines ("A new study created in memory ...")
+    # are not that. Warnings still show.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if job.request.sampler == "random":
         return optuna.samplers.RandomSampler(seed=job.request.seed)
     with warnings.catch_warnings():  # multivariate, group and constant_liar are marked experimental
