@@ -1,7 +1,8 @@
 """``gankd-evaluate`` on a split whose second row group is corrupt: the read fails mid-stream, after batches
 have been evaluated, and must end as the one-line error of an unreadable split (naming the parquet file and
-row group), exit 2, print no metrics; an image that does not decode names itself the same way, with or without
-loader workers. Runs the real CLI in a subprocess; no Ray (evaluate starts none)."""
+row group), exit 2, print no metrics; an image that does not decode names itself in the same line with or
+without loader workers and with --torchscript (which decodes without the loader). Runs the real CLI in a
+subprocess; no Ray (evaluate starts none)."""
 
 from __future__ import annotations
 
@@ -65,14 +66,19 @@ def test_a_corrupt_row_group_mid_stream_is_one_line_naming_the_file(
     assert_no_ray(proc)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_an_undecodable_image_is_one_line_naming_it_whatever_the_loader_workers(
-    workers: int, synthetic_data: str, export: Path, tmp_path: Path
+# student.pt through the loader with and without workers; student.ts decodes in the caller, without the loader.
+@pytest.mark.parametrize(
+    "model_args",
+    [["--workers", "0"], ["--workers", "1"], ["--torchscript"]],
+    ids=["student.pt-0-workers", "student.pt-1-worker", "torchscript"],
+)
+def test_an_undecodable_image_is_one_line_naming_it_whatever_the_model_file_or_loader_workers(
+    model_args: list[str], synthetic_data: str, export: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
     shutil.copytree(synthetic_data, data)
     image_id, file_name = corrupt_image(data / "parquet" / "test" / "part-00000.parquet", row=5)
-    args = ["--model", str(export), "--data", str(data), "--batch-size", "4", "--workers", str(workers)]
+    args = ["--model", str(export), "--data", str(data), "--batch-size", "4", *model_args]
     proc = run_cli("evaluate", args, tmp_path).proc
     assert proc.returncode == EXIT_BAD_INPUT, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

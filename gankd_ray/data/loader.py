@@ -32,8 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gankd_ray import storage
 from gankd_ray.data.reader import split_share
 from gankd_ray.data.records import DatasetError
-from gankd_ray.data.transforms import DetectionTransform, decode_failure, decode_rgb
-from gankd_ray.utils import short_repr
+from gankd_ray.data.transforms import DetectionTransform, decode_rgb, undecodable_image
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[dict[str, Any]]]
 Sample = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]
@@ -213,8 +212,7 @@ class _DecodeRows(Dataset):
         try:
             picture = decode_rgb(data)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
-            culprit = f"{self.where}: image {image_id} ({short_repr(file_name)})"
-            return _CorruptImage(f"{culprit}: corrupt or unsupported image file: {decode_failure(err)}")
+            return _CorruptImage(undecodable_image(self.where, image_id, file_name, err))
         rng = np.random.default_rng([self.seed, epoch, image_id]) if self.augment else None
         image, boxes_s, orig_size = self.transform.apply(picture, boxes, rng)
         target = {"boxes": boxes_s, "labels": torch.as_tensor(labels, dtype=torch.int64)}

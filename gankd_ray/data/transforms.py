@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.models.detection.transform import resize_boxes
 
-from gankd_ray.utils import first_line
+from gankd_ray.utils import first_line, short_repr
 
 # ITU-R 601 luma weights, as PIL's "L" conversion uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -34,6 +34,14 @@ def decode_failure(err: Exception) -> str:
     if isinstance(err, UnidentifiedImageError):
         return "not in an image format PIL recognises"
     return first_line(err)
+
+
+def undecodable_image(where: str, image_id: int, file_name: str, err: Exception) -> str:
+    """The one line for a row whose image ``decode_rgb`` could not decode: where the rows are (a split's
+    parquet folder), the image's id and file name, and why. The loader and TorchScript evaluation both use it,
+    so a damaged image reads the same whichever path met it."""
+    culprit = f"{where}: image {image_id} ({short_repr(file_name)})"
+    return f"{culprit}: corrupt or unsupported image file: {decode_failure(err)}"
 
 
 def hflip_boxes(boxes: torch.Tensor, width: int | float) -> torch.Tensor:

@@ -17,10 +17,13 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gankd_ray.export.model import InferenceError, LoadedExport, load_export
 from gankd_ray.export.predict import run_scripted, to_tensor
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # What reading a split raises: DatasetError is a ValueError, pyarrow's errors are OSError or ArrowInvalid (a
 # ValueError), a COCO file without a key a KeyError.
@@ -107,18 +110,32 @@ def _resized_batches(data: str, split: str, image_size: int, batch_size: int, nu
     )
 
 
-def _original_batches(data: str, split: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """The split's rows in chunks of ``batch_size`` (images still encoded), streamed; the split's footers are
-    read here, so a missing split fails before any inference."""
+def _original_batches(data: str, split: str, batch_size: int) -> Iterator[list[tuple[int, Image.Image]]]:
+    """The split's ``(image_id, decoded original image)`` in chunks of ``batch_size``, streamed; the split's
+    footers are read here, so a missing split fails before any inference. Images are decoded while a chunk is
+    fetched, so an undecodable one is a read failure (``_read_checked``), worded as the loader words it."""
+    from gankd_ray import storage
     from gankd_ray.data.reader import split_share
 
     rows = split_share(data, split).rows()
+    where = storage.join(data, "parquet", split)
 
-    def chunks() -> Iterator[list[dict[str, Any]]]:
+    def chunks() -> Iterator[list[tuple[int, Image.Image]]]:
         while chunk := list(itertools.islice(rows, batch_size)):
-            yield chunk
+            yield [(int(row["image_id"]), _decoded(row, where)) for row in chunk]
 
     return chunks()
+
+
+def _decoded(row: dict[str, Any], where: str) -> Image.Image:
+    """The row's image as RGB; ``DatasetError`` (the loader's one line) when it does not decode."""
+    from gankd_ray.data.records import DatasetError
+    from gankd_ray.data.transforms import decode_rgb, undecodable_image
+
+    try:
+        return decode_rgb(row["image"])
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
+        raise DatasetError(undecodable_image(where, row["image_id"], row["file_name"], err)) from None
 
 
 def _resized_results(model, loader, device: str) -> list[dict[str, Any]]:
@@ -131,13 +148,12 @@ def _resized_results(model, loader, device: str) -> list[dict[str, Any]]:
 
 
 def _scripted_results(model, chunks, device: str) -> list[dict[str, Any]]:
-    from gankd_ray.data.transforms import decode_rgb
     from gankd_ray.eval import coco_results
 
     results: list[dict[str, Any]] = []
     for chunk in chunks:
-        outputs = run_scripted(model, [to_tensor(decode_rgb(row["image"])).to(device) for row in chunk])
-        results.extend(coco_results(outputs, [{"image_id": int(row["image_id"])} for row in chunk]))
+        outputs = run_scripted(model, [to_tensor(image).to(device) for _, image in chunk])
+        results.extend(coco_results(outputs, [{"image_id": image_id} for image_id, _ in chunk]))
     return results
 
 
