@@ -15,7 +15,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from gankd_ray import ray_compat, storage
-from gankd_ray.errors import InputError, StorageFailure
+from gankd_ray.errors import InputError, StorageFailure, UserError
 from gankd_ray.records import EpochRecord, RecordLog, RunSummary, read_records, summarize
 from gankd_ray.train.spec import RESOLVED_CONFIG_FILE, Resources, TrainJob, resolve_job
 
@@ -153,11 +153,25 @@ def run_training(job: TrainJob, callbacks: Sequence[Any] = ()) -> RunSummary:
         with ProgressFollower(job.run_dir, job.config.optim.epochs):
             build_trainer(job, callbacks).fit()
     except Exception as err:
-        full = storage_full_error(err, job.storage, job.run_dir)
-        if full is None:
+        failure = storage_full_error(err, job.storage, job.run_dir) or worker_user_error(err)
+        if failure is None:
             raise
-        raise full from None
+        raise failure from None
     return summarize(job.run_dir)
+
+
+def worker_user_error(err: BaseException) -> UserError | None:
+    """The project's own one-line error (bad input found while training, e.g. an image that no longer decodes)
+    that a worker or the controller raised, as it was raised there; None when no cause of ``err`` is one.
+
+    Ray rebuilds a remote exception as a class deriving from both ``RayTaskError`` and the original's class,
+    whose text holds the remote traceback; its ``cause`` is the original exception.
+    """
+    for cause in _causes(err):
+        if isinstance(cause, UserError):
+            original = getattr(cause, "cause", None)
+            return original if isinstance(original, UserError) else cause
+    return None
 
 
 def storage_full_error(err: BaseException, storage_uri: str, target: str) -> StorageFullError | None:
