@@ -79,9 +79,11 @@ def evaluate_loaded(
 
 
 def _unreadable(data: str, split: str, err: BaseException) -> InferenceError:
+    from gankd_ray.data.loader import UnreadableRows
     from gankd_ray.data.reader import read_failure
 
-    return InferenceError(f"{data}: cannot read split {split!r} ({read_failure(err)})")
+    reason = err.reason if isinstance(err, UnreadableRows) else read_failure(err)
+    return InferenceError(f"{data}: cannot read split {split!r} ({reason})")
 
 
 def _read_checked(batches: Iterable[T], data: str, split: str) -> Iterator[T]:
