@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gankd_ray import storage
 from gankd_ray.data.reader import read_failure, split_share
-from gankd_ray.data.records import DatasetError
+from gankd_ray.data.records import DatasetError, UnreadableRows
 from gankd_ray.data.transforms import DetectionTransform, decode_rgb, undecodable_image
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[dict[str, Any]]]
@@ -42,14 +42,6 @@ Sample = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]
 # (image_id, file name, encoded image, boxes without ignore regions, their labels): what a batch needs of a row.
 EncodedRow = tuple[int, str, bytes, np.ndarray, np.ndarray]
 SHUFFLE_BUFFER_ROWS = 1024  # DataConfig.shuffle_buffer's default
-
-
-class UnreadableRows(DatasetError):
-    """Rows of a split that could not be read; ``reason`` says where (file, row group) and why."""
-
-    def __init__(self, message: str, *, reason: str = "", flag: str | None = None) -> None:
-        super().__init__(message, flag=flag)
-        self.reason = reason  # restored from __dict__ when Ray unpickles it (exceptions rebuild from args)
 
 
 class RowSource(Protocol):

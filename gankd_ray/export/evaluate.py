@@ -79,7 +79,7 @@ def evaluate_loaded(
 
 
 def _unreadable(data: str, split: str, err: BaseException) -> InferenceError:
-    from gankd_ray.data.loader import UnreadableRows
+    from gankd_ray.data.records import UnreadableRows
     from gankd_ray.data.reader import read_failure
 
     reason = err.reason if isinstance(err, UnreadableRows) else read_failure(err)
