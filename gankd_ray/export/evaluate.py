@@ -79,8 +79,8 @@ def evaluate_loaded(
 
 
 def _unreadable(data: str, split: str, err: BaseException) -> InferenceError:
-    from gankd_ray.data.records import UnreadableRows
     from gankd_ray.data.reader import read_failure
+    from gankd_ray.data.records import UnreadableRows
 
     reason = err.reason if isinstance(err, UnreadableRows) else read_failure(err)
     return InferenceError(f"{data}: cannot read split {split!r} ({reason})")
