@@ -215,9 +215,13 @@ def _define_trainer() -> None:
        dropping it (and the metrics callbacks, ``TRAIN_METRICS_ENV``) cut the time from trial start to training
        function by a sixth (bench/trial_startup.py).
     3. ``PlacementGroupReaperCallback`` in place of Ray Train's PlacementGroupCleanerCallback (see below).
+    4. ``BadInputIsFinal`` around Ray's failure policy: a worker that failed on bad input (the project's
+       ``UserError``: an image that no longer decodes, an unreadable row group) ends the run at once instead of
+       being restarted ``max_failures`` times to meet the same data.
 
-    Hooks: the private ``_create_default_callbacks`` and the classes of the callbacks it returns; Ray's private
-    torch set-up functions named above, and ``ray.train._internal.utils.get_address_and_port``.
+    Hooks: the private ``_create_default_callbacks`` and the classes of the callbacks it returns; the private
+    ``_initialize_and_run_controller`` and its ``failure_policy`` argument; Ray's private torch set-up
+    functions named above, and ``ray.train._internal.utils.get_address_and_port``.
     """
     global GankdTorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -226,6 +230,7 @@ def _define_trainer() -> None:
 
     reaper_callback = _hook_class("PlacementGroupReaperCallback")
     process_group = _hook_class("TorchProcessGroup")
+    bad_input_is_final = _hook_class("BadInputIsFinal")
 
     class GankdTorchTrainer(DataParallelTrainer):
         def __init__(self, train_loop_per_worker, *, backend: str, **trainer_args):
@@ -239,6 +244,11 @@ def _define_trainer() -> None:
             if isinstance(callback, PlacementGroupCleanerCallback):
                 return False  # replaced by the reaper
             return bool(self.datasets) or not isinstance(callback, DatasetsCallback)
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            policy = controller_init_kwargs["failure_policy"]
+            controller_init_kwargs["failure_policy"] = bad_input_is_final(policy)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
 def _define_process_group() -> None:
@@ -405,7 +415,31 @@ def _define_reaper_callback() -> None:
                 self._reaper = None
 
 
+def _define_failure_policy() -> None:
+    """``BadInputIsFinal``: Ray Train's failure policy, except that a worker failure which is the project's
+    ``UserError`` is raised at once (see ``_define_trainer``, item 4). It runs in the Train controller, where
+    Ray has already unwrapped each worker's exception (``WorkerGroupError.worker_failures``).
+
+    Hooks: ``FailurePolicy``, ``FailureDecision`` and ``WorkerGroupError.worker_failures``.
+    """
+    global BadInputIsFinal
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
+
+    from gankd_ray.errors import UserError
+
+    class BadInputIsFinal(FailurePolicy):
+        def __init__(self, policy: FailurePolicy):
+            super().__init__(policy.failure_config)
+            self._policy = policy
+
+        def make_decision(self, training_failed_error) -> FailureDecision:
+            if any(isinstance(cause, UserError) for cause in train_failure_causes(training_failed_error)):
+                return FailureDecision.RAISE
+            return self._policy.make_decision(training_failed_error)
+
+
 _HOOK_CLASS_DEFINERS = {
+    "BadInputIsFinal": _define_failure_policy,
     "GankdTorchTrainer": _define_trainer,
     "TorchProcessGroup": _define_process_group,
     "PlacementGroupReaperCallback": _define_reaper_callback,

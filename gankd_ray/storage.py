@@ -93,6 +93,15 @@ def uri_of(filesystem: pafs.FileSystem, path: str) -> str:
     return scheme + path.lstrip("/")
 
 
+def is_outage(err: BaseException) -> bool:
+    """Whether ``err`` is storage failing to answer (the AWS SDK's errors that pyarrow raises, or one of ours
+    other than not-found) rather than the bytes it returned being wrong: an outage ends a run as a storage
+    failure that a rerun resumes from, a damaged file as bad input."""
+    if isinstance(err, StorageError):
+        return not isinstance(err, FileNotFoundError)
+    return "AWS Error" in str(err)
+
+
 def reason(err: BaseException) -> str:
     """A short, one-line cause for a storage failure (the AWS SDK's codes get plain words)."""
     raw = str(err)

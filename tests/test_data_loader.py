@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import corrupt_image
+from conftest import corrupt_image, corrupt_row_group, split_row_groups
 
 from gankd_ray.config import DataConfig
 from gankd_ray.data import DatasetError, read_split
-from gankd_ray.data.loader import DetectionBatchLoader
+from gankd_ray.data.loader import DetectionBatchLoader, UnreadableRows
 
 S, B = 160, 5
 
@@ -195,3 +196,28 @@ def test_an_undecodable_image_is_one_line_naming_it_with_or_without_workers(
     # A worker's exception would come back as torch's "Caught OSError in DataLoader worker process 0." and
     # its traceback: the message must be the caller's own line.
     assert error(num_workers=1) == in_caller
+
+
+def test_an_unreadable_row_group_is_one_line_naming_the_file_and_group_with_or_without_workers(
+    synthetic_data: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    split_row_groups(data, "train", rows_per_group=8)
+    shard = data / "parquet" / "train" / "part-00000.parquet"
+    corrupt_row_group(shard, group=1)
+
+    def error(num_workers: int) -> UnreadableRows:
+        loader = DetectionBatchLoader.from_dataset(str(data), "train", S, B, train=True, num_workers=num_workers)
+        with pytest.raises(UnreadableRows) as caught:
+            list(loader)
+        return caught.value
+
+    in_caller = error(num_workers=0)
+    message = str(in_caller)
+    assert message.startswith(f"{data}/parquet/train: cannot read ({shard}: row group 1: "), message
+    assert "\n" not in message and "Traceback" not in message, message
+    assert str(error(num_workers=1)) == message
+    # A Ray Train worker's error reaches the driver pickled: the reason (evaluate's wording) must survive.
+    rebuilt = pickle.loads(pickle.dumps(in_caller))
+    assert isinstance(rebuilt, DatasetError) and rebuilt.reason == in_caller.reason and str(rebuilt) == message

@@ -83,15 +83,22 @@ from gankd_ray.train.spec import Resources, TrainJob
 apply_train_env_defaults()
 job = TrainJob(config=RunConfig(), storage=sys.argv[2], name="driver", resources=Resources(workers=2))
 trainer = build_trainer(job)
+from ray.train.v2._internal.execution.failure_handling import create_failure_policy
+from gankd_ray import ray_compat
+from gankd_ray.data.records import UnreadableRows
+policy = ray_compat.BadInputIsFinal(create_failure_policy(trainer.run_config.failure_config))
+bad_rows = UnreadableRows("rows: cannot read (why)", reason="why")  # what a worker's failure sends back
 with open(sys.argv[1], "wb") as out:
-    ray.cloudpickle.dump((trainer.train_run_context, trainer._create_default_callbacks()), out)
+    ray.cloudpickle.dump((trainer.train_run_context, trainer._create_default_callbacks(), policy, bad_rows), out)
 print("torch" in sys.modules)
 """
 _TRAIN_CONTROLLER = """
 import json, pickle, sys
-context, callbacks = pickle.load(open(sys.argv[1], "rb"))
+context, callbacks, policy, bad_rows = pickle.load(open(sys.argv[1], "rb"))
 print(json.dumps({
     "torch": "torch" in sys.modules,
+    "policy": type(policy).__name__,
+    "bad_rows_reason": bad_rows.reason,
     "backend": context.backend_config.backend,
     "workers": context.scaling_config.num_workers,
     "callbacks": [type(c).__name__ for c in callbacks],
@@ -116,6 +123,37 @@ def test_trial_drivers_and_train_controllers_never_import_torch(tmp_path):
     assert controller["torch"] is False, "the Train controller imported torch"
     assert (controller["backend"], controller["workers"]) == ("gloo", 2), controller
     assert "PlacementGroupReaperCallback" in controller["callbacks"], controller
+    assert (controller["policy"], controller["bad_rows_reason"]) == ("BadInputIsFinal", "why"), controller
+
+
+def test_a_worker_failing_on_bad_input_is_not_restarted():
+    """Ray Train restarts a failed worker group ``max_failures`` times; a worker that failed on bad input (a
+    ``UserError``) would meet the same data again, so the run ends at once. Other failures keep Ray's policy."""
+    import inspect
+
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision, create_failure_policy
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from gankd_ray.data.records import UnreadableRows
+
+    def decision(policy, error: BaseException) -> FailureDecision:
+        return policy.make_decision(WorkerGroupError("worker 0 failed", worker_failures={0: error}))
+
+    bad_rows = UnreadableRows("rows: cannot read (why)", reason="why")
+    stock = create_failure_policy(FailureConfig(max_failures=2))
+    assert decision(stock, bad_rows) == FailureDecision.RETRY  # what the wrapper is for
+    ours = ray_compat.BadInputIsFinal(create_failure_policy(FailureConfig(max_failures=2)))
+    assert decision(ours, bad_rows) == FailureDecision.RAISE
+    assert [decision(ours, RuntimeError("a crash")) for _ in range(3)] == [
+        FailureDecision.RETRY,
+        FailureDecision.RETRY,
+        FailureDecision.RAISE,
+    ]
+    # The seam: Ray's fit hands the policy to the controller through the method GankdTorchTrainer overrides.
+    assert "failure_policy=create_failure_policy(" in inspect.getsource(DataParallelTrainer.fit)
+    assert "_initialize_and_run_controller" in vars(ray_compat.GankdTorchTrainer)
 
 
 def test_version_policy():

@@ -15,7 +15,9 @@ reproducible whatever the number of loader workers.
 An image that does not decode (a prepared file damaged since) ends the pass with one ``DatasetError`` line
 naming the split's parquet folder, the image id and its file name, the same with or without workers: a
 worker hands the message back as the batch instead of raising, because torch re-raises a worker's exception
-with its traceback folded into the message.
+with its traceback folded into the message. Rows that cannot be read (a damaged row group) end it with one
+``UnreadableRows`` line naming the parquet file, the row group and why; storage that stops answering is
+raised unchanged, for the run to end as a storage failure that a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gankd_ray import storage
-from gankd_ray.data.reader import split_share
-from gankd_ray.data.records import DatasetError
+from gankd_ray.data.reader import read_failure, split_share
+from gankd_ray.data.records import DatasetError, UnreadableRows
 from gankd_ray.data.transforms import DetectionTransform, decode_rgb, undecodable_image
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[dict[str, Any]]]
@@ -78,6 +81,7 @@ class DetectionBatchLoader:
 
     Raises (while iterating):
         DatasetError: an image does not decode.
+        UnreadableRows: rows cannot be read (a damaged row group).
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class DetectionBatchLoader:
             num_batches = _training_batches(total, world_size, batch_size)
         else:
             num_batches = math.ceil(source.num_rows / batch_size)
+        self._where = where
         transform = DetectionTransform(image_size, hflip=hflip and train, jitter=jitter if train else 0.0)
         self._sampler = _EpochBatches(source, batch_size, num_batches, train, seed, shuffle_buffer)
         self._loader = DataLoader(
@@ -142,7 +147,18 @@ class DetectionBatchLoader:
         return len(self._sampler)
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self._loader:
+        batches: Iterator[Batch] | None = None
+        while True:
+            try:  # the sampler reads the rows, in this process: workers get their first batches' rows in iter()
+                batches = batches or iter(self._loader)
+                batch = next(batches, None)
+            except (OSError, pa.ArrowException) as err:
+                if storage.is_outage(err):
+                    raise
+                reason = read_failure(err)
+                raise UnreadableRows(f"{self._where}: cannot read ({reason})", reason=reason) from None
+            if batch is None:
+                return
             if isinstance(batch, _CorruptImage):
                 raise DatasetError(batch.message)
             yield batch

@@ -21,6 +21,15 @@ class DatasetError(InputError):
     """Invalid input or prepared data; the one-line message names the file and the image/annotation id."""
 
 
+class UnreadableRows(DatasetError):
+    """Rows of a split that could not be read (raised by the batch loader); ``reason`` says where (file, row
+    group) and why. Here rather than in the loader: a Train controller unpickles it without importing torch."""
+
+    def __init__(self, message: str, *, reason: str = "", flag: str | None = None) -> None:
+        super().__init__(message, flag=flag)
+        self.reason = reason  # restored from __dict__ when Ray unpickles it (exceptions rebuild from args)
+
+
 @dataclass
 class Annotation:
     """One box of one image.

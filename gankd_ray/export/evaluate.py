@@ -80,8 +80,10 @@ def evaluate_loaded(
 
 def _unreadable(data: str, split: str, err: BaseException) -> InferenceError:
     from gankd_ray.data.reader import read_failure
+    from gankd_ray.data.records import UnreadableRows
 
-    return InferenceError(f"{data}: cannot read split {split!r} ({read_failure(err)})")
+    reason = err.reason if isinstance(err, UnreadableRows) else read_failure(err)
+    return InferenceError(f"{data}: cannot read split {split!r} ({reason})")
 
 
 def _read_checked(batches: Iterable[T], data: str, split: str) -> Iterator[T]:

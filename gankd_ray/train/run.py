@@ -207,7 +207,7 @@ def _object_storage_failure(err: BaseException) -> str | None:
     for cause in _causes(err):
         if isinstance(cause, storage.StorageError) and not isinstance(cause, FileNotFoundError):
             return str(cause)
-        if "AWS Error" in str(cause) or "StorageError: " in str(cause):  # rebuilt by Ray from another process
+        if storage.is_outage(cause) or "StorageError: " in str(cause):  # rebuilt by Ray from another process
             return storage.reason(cause)
     return None
 
