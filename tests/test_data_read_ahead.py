@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import S3_BUCKET, corrupt_row_group, make_synthetic_dataset, split_row_groups, upload
+from conftest import S3_BUCKET, corrupt_image, corrupt_row_group, make_synthetic_dataset, split_row_groups, upload
 
+from gankd_ray.data import DatasetError
 from gankd_ray.data.loader import DetectionBatchLoader
 from gankd_ray.data.reader import READ_AHEAD_ROW_GROUPS, READ_AHEAD_THREAD, SplitShare, read_ahead, split_share
 
@@ -121,6 +122,30 @@ def test_abandoning_the_rows_stops_the_read_ahead_thread(grouped_data: Path) -> 
     for _ in DetectionBatchLoader(share, 96, 5, train=True, num_workers=0):
         break
     assert_no_read_ahead_thread()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_loader_pass_that_stops_early_or_fails_stops_the_read_ahead_thread(
+    grouped_data: Path, tmp_path: Path, num_workers: int
+) -> None:
+    """torch's loader iterator persists across epochs (workers) and an error's traceback holds the pass: neither
+    may keep the reads open. Garbage collection is off, so only closing the pass can end the thread."""
+    data = tmp_path / "data"
+    shutil.copytree(grouped_data, data)
+    corrupt_image(data / "parquet" / "train" / "part-00001.parquet", row=2)
+    share = split_share(str(data), "train")
+    gc.disable()
+    try:
+        loader = DetectionBatchLoader(share, 96, 5, train=False, num_workers=num_workers)
+        for _ in loader:
+            assert read_ahead_threads(), "no read-ahead thread while iterating: the check below would be vacuous"
+            break
+        assert_no_read_ahead_thread()
+        with pytest.raises(DatasetError, match="corrupt or unsupported image file"):
+            list(loader)
+        assert_no_read_ahead_thread()
+    finally:
+        gc.enable()
 
 
 def test_reads_overlap_with_the_callers_work() -> None:

@@ -23,7 +23,7 @@ raised unchanged, for the run to end as a storage failure that a rerun resumes f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -147,6 +147,12 @@ class DetectionBatchLoader:
         return len(self._sampler)
 
     def __iter__(self) -> Iterator[Batch]:
+        try:
+            yield from self._checked_batches()
+        finally:  # an error or an early stop leaves the pass's reads open (torch's iterator persists): end them now
+            self._sampler.end_pass()
+
+    def _checked_batches(self) -> Iterator[Batch]:
         batches: Iterator[Batch] | None = None
         while True:
             try:  # the sampler reads the rows, in this process: workers get their first batches' rows in iter()
@@ -250,11 +256,24 @@ class _EpochBatches(Sampler):
         self.seed = seed
         self.buffer_size = buffer_size
         self.epoch = 0
+        self._pass: Generator[list[tuple[EncodedRow, int]], None, None] | None = None
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[tuple[EncodedRow, int]]]:
+        self.end_pass()
+        self._pass = self._batches()
+        return self._pass
+
+    def end_pass(self) -> None:
+        """Close the current pass: its row reads (and their read-ahead thread) stop even while torch's loader
+        iterator, which persists across epochs, still holds it."""
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
+
+    def _batches(self) -> Iterator[list[tuple[EncodedRow, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
         rows = (_encoded(row) for row in self.source.rows(rng))
         if rng is not None:
