@@ -5,12 +5,17 @@ process (peak memory is per process):
 - ``streamed``: the training loader as the product builds it (``DetectionBatchLoader.from_dataset``: row groups
   streamed through the shuffle buffer, decoded in one loader worker);
 - ``in_memory``: the rank's whole share read first (``read_split``), the previous design, as the contrast;
-- ``ray_data`` (asked for by name; starts Ray): the same epoch through Ray Data (``read_parquet``, decoding in
-  its tasks, its iterator's local shuffle buffer), the alternative engine; loader figures only.
+- ``ray_data`` (starts a local Ray): the same epoch through Ray Data, the alternative engine, under the loader's
+  guarantees (seeded per-epoch block order, the same decode/flip/jitter with boxes in its tasks, a seeded
+  1024-row local shuffle, ``preserve_order`` so the order repeats, last partial batch dropped); loader figures
+  only.
 Each process passes one full training epoch through the loader (every row read, decoded and batched), then runs
 ``--train-steps`` real student training steps on its batches (the step's memory does not depend on the dataset, and a
-full epoch of steps at 50k images is hours on CPU). Memory is sampled every 50 ms over the process and its loader
-workers (proportional set sizes summed, from /proc: Linux only). Figures:
+full epoch of steps at 50k images is hours on CPU). Memory is sampled every 50 ms over the process and its
+descendants (loader workers; for Ray Data Ray's daemons and task workers), proportional set sizes summed, from
+/proc (Linux only). Per run: ``idle_pss_mb`` (before the pipeline starts: for Ray Data, an idle local Ray),
+``pipeline_pss_mb`` (the epoch's peak over that: what the input pipeline adds), ``first_batch_s``, and at up to
+2,000 images ``same_order_on_rerun`` (a second pass of the same epoch gives the same image order). Figures:
 - ``peak_pss_mb`` per size and mode, and ``rss_ratio_50k_over_1k`` (streamed, largest size over smallest, of that
   memory; goal <= 1.2);
 - ``loader_images_per_s`` (the epoch pass) over ``train_images_per_s`` (the steps) = ``loader_over_consumption``
@@ -18,9 +23,12 @@ workers (proportional set sizes summed, from /proc: Linux only). Figures:
 - ``dataset_reads_per_node``: a ``--s3-trials``-trial search (plus its teacher and baseline runs, each reading the
   dataset) with the dataset on a local S3 API server (moto) behind a byte-counting proxy: bytes the server sent
   over the bytes of the dataset's files (goal: about 1, one read per node, not one per run). Starts Ray.
+- ``ray_data_over_streamed`` per size: Ray Data's ``pipeline_pss_mb``, ``loader_images_per_s`` and
+  ``first_batch_s`` over the streamed loader's, measured in the same run.
 Writes ``bench/results/data_scale.json``.
 
-Usage: ``python bench/data_scale.py [--sizes 1000 10000 50000] [--modes streamed in_memory] [--train-steps 20]``
+Usage: ``python bench/data_scale.py [--sizes 1000 10000 50000] [--modes streamed in_memory ray_data]
+[--train-steps 20]``
 """
 
 from __future__ import annotations
@@ -91,6 +99,12 @@ class PeakMemory:
             frontier = children
         return found
 
+    def sample(self) -> int:
+        """The memory now (and the peak so far updated with it)."""
+        now = self._rss()
+        self.peak = max(self.peak, now)
+        return now
+
     def _rss(self) -> int:
         return self._rss_of(self.pid) + sum(self._rss_of(child) for child in self._children())
 
@@ -109,32 +123,87 @@ class PeakMemory:
         self.peak = max(self.peak, self._rss())
 
 
-def ray_data_epoch(data: str, image_size: int) -> tuple[int, float]:
-    """One shuffled training epoch through Ray Data, the alternative the issue names: ``read_parquet`` of the
-    split, decoded and resized in Ray Data's own tasks, batches from its iterator with a 1024-row local shuffle
-    buffer (as ``data.shuffle_buffer``); images and seconds."""
+RAY_DATA_SEED, EPOCH = 3, 1
+Batches = Iterator[tuple[Any, Any, list[int]]]  # (images, targets, image ids)
+RERUN_MAX_IMAGES = 2000  # at or below this size the epoch is passed a second time to check it repeats
+
+
+def idle_pss(memory: PeakMemory, settle_s: float = 3.0) -> int:
+    """The memory of the process tree before the input pipeline starts (for Ray Data: Ray's daemons, idle), so
+    the figure the pipeline itself adds is the peak minus this."""
+    time.sleep(settle_s)
+    return memory.sample()
+
+
+def ray_data_batches(data: str, image_size: int, jitter: float) -> Batches:
+    """One training epoch through Ray Data, the alternative engine, doing the loader's work under its guarantees:
+    ``read_parquet`` of the split, row-group (block) order drawn per epoch (``randomize_block_order``), each row
+    decoded, resized, flipped and jittered with its boxes in Ray Data's tasks, batches of ``BATCH_SIZE`` through
+    its 1024-row local shuffle buffer (as ``data.shuffle_buffer``), seeded, ``preserve_order`` on (without it the
+    order depends on task timing), the last partial batch dropped. Yields (image tensor, image ids)."""
+    import numpy as np
     import ray
+    import torch
 
     from gankd_ray.data.transforms import DetectionTransform
 
-    transform = DetectionTransform(image_size, hflip=False, jitter=0.0)
+    transform = DetectionTransform(image_size, hflip=True, jitter=jitter)
 
     def decode(batch: dict) -> dict:
-        import numpy as np
+        images, boxes = [], []
+        for image_id, image, flat in zip(batch["image_id"], batch["image"], batch["boxes"]):
+            rng = np.random.default_rng([RAY_DATA_SEED, EPOCH, int(image_id)])
+            tensor, scaled, _ = transform(image, np.asarray(flat, np.float32).reshape(-1, 4), rng)
+            images.append(tensor.numpy())
+            boxes.append(scaled.numpy().ravel())
+        return {"image": np.stack(images), "image_id": batch["image_id"], "boxes": boxes, "labels": batch["labels"]}
 
-        images = [transform(data, np.zeros((0, 4), np.float32), None)[0].numpy() for data in batch["image"]]
-        return {"image": np.stack(images), "image_id": batch["image_id"]}
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    files = sorted(str(path) for path in Path(data, "parquet", "train").glob("*.parquet"))
+    columns = ["image_id", "image", "boxes", "labels"]
+    dataset = ray.data.read_parquet(files, columns=columns).randomize_block_order(seed=RAY_DATA_SEED * 1000 + EPOCH)
+    batches = dataset.map_batches(decode, batch_size=64).iter_batches(
+        batch_size=BATCH_SIZE,
+        batch_format="numpy",
+        local_shuffle_buffer_size=1024,
+        local_shuffle_seed=RAY_DATA_SEED * 1000 + EPOCH,
+        drop_last=True,
+    )
+    for batch in batches:
+        targets = [
+            {"boxes": torch.from_numpy(b).reshape(-1, 4), "labels": torch.as_tensor(lab)}
+            for b, lab in zip(batch["boxes"], batch["labels"])
+        ]
+        yield torch.from_numpy(batch["image"]), targets, [int(i) for i in batch["image_id"]]
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        files = sorted(str(path) for path in Path(data, "parquet", "train").glob("*.parquet"))
-        dataset = ray.data.read_parquet(files, columns=["image_id", "image"]).map_batches(decode, batch_size=64)
-        started, images = time.perf_counter(), 0
-        for batch in dataset.iter_torch_batches(batch_size=BATCH_SIZE, local_shuffle_buffer_size=1024, drop_last=True):
-            images += len(batch["image_id"])
-        return images, time.perf_counter() - started
-    finally:
-        ray.shutdown()
+
+def gankd_batches(data: str, image_size: int, jitter: float, in_memory: bool) -> Batches:
+    """One training epoch through the product's loader (streamed) or over the whole share read first."""
+    from gankd_ray.data.loader import DetectionBatchLoader
+    from gankd_ray.data.reader import read_split
+
+    options = {"train": True, "num_workers": 1, "jitter": jitter, "seed": RAY_DATA_SEED}
+    if in_memory:
+        loader = DetectionBatchLoader(read_split(data, "train"), image_size, BATCH_SIZE, **options)
+    else:
+        loader = DetectionBatchLoader.from_dataset(data, "train", image_size, BATCH_SIZE, **options)
+    loader.set_epoch(EPOCH)
+    for images, targets, metas in loader:
+        yield images, targets, [meta["image_id"] for meta in metas]
+
+
+def epoch_pass(batches: Batches) -> dict[str, Any]:
+    """Consume one epoch: images, seconds to the first batch and in all, and a digest of the image order."""
+    import hashlib
+
+    started, first_batch_s, ids = time.perf_counter(), None, []
+    for images, _, image_ids in batches:
+        first_batch_s = first_batch_s if first_batch_s is not None else time.perf_counter() - started
+        ids += image_ids
+        assert images.shape[0] == len(image_ids)
+    seconds = time.perf_counter() - started
+    order = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+    return {"images": len(ids), "seconds": seconds, "first_batch_s": first_batch_s, "order": order}
 
 
 def measure(data: str, mode: str, train_steps: int) -> dict[str, Any]:
@@ -142,42 +211,60 @@ def measure(data: str, mode: str, train_steps: int) -> dict[str, Any]:
     import torch
 
     from gankd_ray.config import RunConfig
-    from gankd_ray.data.loader import DetectionBatchLoader
-    from gankd_ray.data.reader import read_split
     from gankd_ray.distill import build_step
 
     torch.set_num_threads(1)
     overrides = {"role": "student", "optim.batch_size": BATCH_SIZE, "data.path": data, "detector.num_classes": 5}
     cfg = RunConfig().with_overrides(overrides)  # the synthetic generator draws 5 classes
-    if mode == "ray_data":
-        with PeakMemory() as memory:
-            images, seconds = ray_data_epoch(data, cfg.detector.image_size)
-        return {"images": images, "peak_pss_mb": memory.peak / 2**20, "loader_images_per_s": images / seconds}
-    with PeakMemory() as memory:
-        share = read_split(data, "train") if mode == "in_memory" else None
-        options = {"train": True, "num_workers": 1, "jitter": cfg.data.jitter}
-        if share is None:
-            loader = DetectionBatchLoader.from_dataset(data, "train", cfg.detector.image_size, BATCH_SIZE, **options)
-        else:
-            loader = DetectionBatchLoader(share, cfg.detector.image_size, BATCH_SIZE, **options)
-        started, images = time.perf_counter(), 0
-        for batch, _, _ in loader:
-            images += batch.shape[0]
-        loader_s = time.perf_counter() - started
-        step = build_step(cfg)
-        batches = iter(loader)
-        next(batches)  # the first step builds lazily-initialised state: not timed
-        started = time.perf_counter()
-        for index in range(train_steps):
-            inputs, targets, _ = next(batches)
-            step.train_step(inputs, targets, index / max(train_steps, 1))
-        train_s = time.perf_counter() - started
-    return {
-        "images": images,
-        "peak_pss_mb": memory.peak / 2**20,
-        "loader_images_per_s": images / loader_s,
-        "train_images_per_s": train_steps * BATCH_SIZE / train_s,
-    }
+    size, jitter = cfg.detector.image_size, cfg.data.jitter
+
+    def epoch() -> Batches:
+        if mode == "ray_data":
+            return ray_data_batches(data, size, jitter)
+        return gankd_batches(data, size, jitter, in_memory=mode == "in_memory")
+
+    with PeakMemory() as memory, ray_for(mode):
+        idle = idle_pss(memory)
+        passed = epoch_pass(epoch())
+        epoch_peak = memory.peak
+        row = {
+            "images": passed["images"],
+            "idle_pss_mb": idle / 2**20,
+            "epoch_peak_pss_mb": epoch_peak / 2**20,
+            "pipeline_pss_mb": (epoch_peak - idle) / 2**20,  # what the input pipeline adds
+            "loader_images_per_s": passed["images"] / passed["seconds"],
+            "first_batch_s": passed["first_batch_s"],
+        }
+        if passed["images"] <= RERUN_MAX_IMAGES:
+            row["same_order_on_rerun"] = epoch_pass(epoch())["order"] == passed["order"]
+        if mode != "ray_data":
+            row["train_images_per_s"] = train_rate(build_step(cfg), epoch(), train_steps)
+    return {**row, "peak_pss_mb": memory.peak / 2**20}
+
+
+@contextlib.contextmanager
+def ray_for(mode: str) -> Iterator[None]:
+    """A local Ray of this machine's size for the Ray Data arm (its daemons count in the idle figure)."""
+    if mode != "ray_data":
+        yield
+        return
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def train_rate(step: Any, batches: Batches, train_steps: int) -> float:
+    """Images a second of ``train_steps`` real student GAN-KD steps (the first, which builds lazy state, untimed)."""
+    next(batches)
+    started = time.perf_counter()
+    for index in range(train_steps):
+        images, targets, _ = next(batches)
+        step.train_step(images, targets, index / max(train_steps, 1))
+    return train_steps * BATCH_SIZE / (time.perf_counter() - started)
 
 
 def run_child(data: Path, mode: str, train_steps: int) -> dict[str, Any]:
@@ -310,9 +397,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ratios = [row["loader_images_per_s"] / row["train_images_per_s"] for row in streamed.values()]
         top["loader_over_consumption"] = min(ratios)
     for size in sorted(set(ray_data) & set(streamed)):  # the same epoch through Ray Data, at the same size
+        ray, ours = ray_data[size], streamed[size]
         top.setdefault("ray_data_over_streamed", {})[str(size)] = {
-            "peak_pss": ray_data[size]["peak_pss_mb"] / streamed[size]["peak_pss_mb"],
-            "loader_images_per_s": ray_data[size]["loader_images_per_s"] / streamed[size]["loader_images_per_s"],
+            key: ray[key] / ours[key] for key in ("pipeline_pss_mb", "loader_images_per_s", "first_batch_s")
         }
     return top
 
@@ -321,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     modes = ["streamed", "in_memory", "ray_data"]
-    parser.add_argument("--modes", nargs="+", choices=modes, default=modes[:2], help="ray_data starts Ray")
+    parser.add_argument("--modes", nargs="+", choices=modes, default=modes, help="ray_data starts Ray")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--data-root", type=Path, default=ROOT / "runs" / "data_scale")
     parser.add_argument("--out", type=Path, default=RESULTS)
