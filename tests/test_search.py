@@ -111,6 +111,8 @@ def test_smoke_search_console_is_ours_and_ray_logs_are_kept(smoke_search):
     longest = max(proc.stdout.splitlines(), key=len)
     assert len(longest) <= 300, longest
     assert "Reporting training result" not in proc.stdout and "Checkpoint successfully created" not in proc.stdout
+    # Tune's experiment box and result paths (printed by Ray 2.60's reporter at every verbosity) stay out too.
+    assert "Configuration for experiment" not in proc.stdout and "View detailed results" not in proc.stdout
     epoch_line = r"\[gankd-ray\] trial \w+ epoch 1/3  val mAP \d\.\d{4}  AP50 \d\.\d{4}  critic acc \S+  status running"
     assert re.search(epoch_line, proc.stdout), proc.stdout[-3000:]
     assert re.search(r"^trial +status +epoch +val mAP +best$", proc.stdout, re.MULTILINE), proc.stdout[-3000:]

@@ -7,7 +7,10 @@ checks, no Ray) and the steps after it.
 from __future__ import annotations
 
 import math
+import os
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from gankd_ray.wheels import default_cache_dir
 
 TEACHER_BACKBONE = "mobilenet_v2"
 DEFAULT_WEIGHTS_DIR = default_cache_dir().parent / "weights"  # a cache, not the user's working tree
+TUNE_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Ray Tune's choice of console reporter (see tune_console)
 
 
 @dataclass
@@ -228,7 +232,27 @@ def run_tuner(plan: SearchPlan):
         tuner = restore_tuner(plan.job)
     else:
         tuner = build_tuner(plan.job, cluster_resources(), verbose=plan.verbose)
-    return tuner.fit()
+    with tune_console(plan.verbose):
+        return tuner.fit()
+
+
+@contextmanager
+def tune_console(verbose: bool) -> Iterator[None]:
+    """Tune's console output only when ``verbose``. Ray 2.60's default (new) reporter prints its experiment box
+    and result paths whatever the verbosity; its previous reporter, chosen by ``RAY_AIR_NEW_OUTPUT=0``, prints
+    nothing at verbosity 0. The variable is read when ``fit()`` starts, in this process only."""
+    if verbose:
+        yield
+        return
+    previous = os.environ.get(TUNE_NEW_OUTPUT)
+    os.environ[TUNE_NEW_OUTPUT] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[TUNE_NEW_OUTPUT]
+        else:
+            os.environ[TUNE_NEW_OUTPUT] = previous
 
 
 def finish(plan: SearchPlan, result_grid, teacher: RunSummary | None, baseline: RunSummary) -> dict[str, Any]:
